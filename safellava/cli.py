@@ -1,0 +1,222 @@
+"""Command line: parse, call the library, print. No tensors here, and no torch import for --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import (
+    DEFAULT_PRESET,
+    DTYPE_CHOICES,
+    ORIGINAL_TOWER,
+    PROMPT_FORMATS,
+    QUANTIZE_CHOICES,
+    available_presets,
+)
+from .errors import SafeLlavaError
+
+PROG = "safellava"
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _model_arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--preset",
+        help=f"preset name ({', '.join(available_presets())}) or YAML path; default {DEFAULT_PRESET}",
+    )
+    group.add_argument("--model", help="LLaVA checkpoint: hub id or local folder (overrides the preset)")
+    group.add_argument("--revision", help="branch, tag or commit of the LLaVA hub repo")
+    group.add_argument(
+        "--vision-tower",
+        help=f"CLIP tower: hub id or local folder; '{ORIGINAL_TOWER}' keeps the LLaVA's own (unsafe) tower",
+    )
+    group.add_argument("--tower-revision", help="branch, tag or commit of the tower hub repo")
+    group.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, help="bitsandbytes quantization of the language model"
+    )
+    group.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, help="auto: float16 on CUDA, float32 on the CPU")
+    group.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        help="built-in prompt format, used only when the checkpoint has no chat template",
+    )
+    return parser
+
+
+def _generation_arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("generation")
+    group.add_argument("--prompt", help="the question or instruction (default: a one-sentence caption)")
+    group.add_argument("--system", help="system prompt, for the families that have one")
+    group.add_argument("--max-new-tokens", type=_positive_int, help="longest answer, in tokens")
+    group.add_argument(
+        "--temperature", type=_non_negative_float, help="0 (default) is greedy; above 0 samples"
+    )
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass, when sampling")
+    group.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    group.add_argument("--batch-size", type=_positive_int, help="images per generate call")
+    return parser
+
+
+def _common_arguments(top_level: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        # A subcommand's default must not undo a -v given before the subcommand.
+        default=False if top_level else argparse.SUPPRESS,
+        help="show library logs and full tracebacks",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``safellava`` argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Safe image-to-text with LLaVA and the Safe-CLIP vision tower.",
+        parents=[_common_arguments(top_level=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    caption = commands.add_parser(
+        "caption",
+        help="caption or ask about images",
+        description="Caption images (or answer --prompt about them) and print the results.",
+        parents=[_common_arguments(), _model_arguments(), _generation_arguments()],
+    )
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files; '-' reads one from stdin")
+    caption.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    caption.set_defaults(handler=run_caption)
+    return parser
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """Load the model the arguments describe (the library call behind every command)."""
+    from . import logs
+    from .loader import load
+
+    logs.configure(args.verbose)
+    if args.vision_tower == ORIGINAL_TOWER:
+        _say("using the checkpoint's original CLIP vision tower, not Safe-CLIP (--vision-tower original)")
+    return load(
+        args.preset,
+        model=args.model,
+        vision_tower=args.vision_tower,
+        revision=args.revision,
+        tower_revision=args.tower_revision,
+        quantize=args.quantize,
+        device=args.device,
+        dtype=args.dtype,
+        prompt_format=args.prompt_format,
+    )
+
+
+def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation flags that were given, by ``GenerationOptions`` field name."""
+    names = ("prompt", "system", "max_new_tokens", "temperature", "top_p", "seed", "batch_size")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def open_images(sources: Sequence[str]) -> tuple[list[tuple[str, Any]], int]:
+    """Open every image; report each bad one in a line on stderr. Returns (opened, failures)."""
+    from .errors import ImageError
+    from .images import load_image
+
+    if sources.count("-") > 1:
+        raise SafeLlavaError("'-' (stdin) can be given only once")
+    opened, failures = [], 0
+    for source in sources:
+        try:
+            data: Any = sys.stdin.buffer.read() if source == "-" else source
+            image = load_image(data)
+        except ImageError as exc:
+            _say(f"skipped {source if source != '-' else '<stdin>'}: {exc.reason}")
+            failures += 1
+            continue
+        opened.append((source, image))
+    return opened, failures
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """``safellava caption``: print one caption (or JSON record) per image as batches finish."""
+    opened, failures = open_images(args.images)
+    if not opened:
+        _say("no image could be read")
+        return EXIT_SOME_FAILED
+    model = load_model(args)
+    options = model.generation_options(**generation_overrides(args))
+    several = len(args.images) > 1
+    for start in range(0, len(opened), options.batch_size):
+        chunk = opened[start : start + options.batch_size]
+        captions = model.caption_images([image for _, image in chunk], options)
+        for (name, _), caption in zip(chunk, captions, strict=True):
+            if args.json:
+                record = {
+                    "image": name,
+                    "caption": caption,
+                    "prompt": options.prompt,
+                    **model.record(),
+                    "preset": model.preset,
+                    "generation": {
+                        "max_new_tokens": options.max_new_tokens,
+                        "temperature": options.temperature,
+                        "top_p": options.top_p,
+                        "seed": options.seed,
+                        "system": options.system,
+                    },
+                }
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                print(f"{name}: {caption}" if several else caption, flush=True)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``safellava`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except SafeLlavaError as exc:
+        if args.verbose:
+            raise
+        _say(f"error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (| head): nothing more to say
+        return EXIT_OK
+    except Exception as exc:
+        if args.verbose:
+            raise
+        _say(f"error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)")
+        return EXIT_SOME_FAILED

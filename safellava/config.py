@@ -1,0 +1,147 @@
+"""Presets and options as dataclasses; presets are YAML files in ``safellava/configs/``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "llava-1.5-7b"
+ORIGINAL_TOWER = "original"  # --vision-tower original: keep the checkpoint's own CLIP
+SAFE_CLIP_336 = "aimagelab/safeclip_vit-l_14_336"
+
+QUANTIZE_CHOICES = ("none", "4bit", "8bit")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+PROMPT_FORMATS = ("auto", "llava", "vicuna", "mistral", "chatml")
+
+
+@dataclass
+class GenerationOptions:
+    """How captions are generated; 0 temperature means greedy decoding."""
+
+    prompt: str = "Provide a one-sentence caption for the provided image."  # LLaVA's caption prompt
+    max_new_tokens: int = 128  # upper bound on the caption length, in tokens
+    temperature: float = 0.0  # 0 = greedy; > 0 samples
+    top_p: float = 1.0  # nucleus sampling mass, used only when sampling
+    seed: int | None = None  # set before each generate call, for reproducible sampling
+    batch_size: int = 4  # images per generate call
+    system: str | None = None  # system prompt, for the families that have one
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class ModelOptions:
+    """Which checkpoints to load and how: the LLaVA, the tower, quantization, device and dtype."""
+
+    model: str = "llava-hf/llava-1.5-7b-hf"  # hub id or local folder of a llava-hf checkpoint
+    vision_tower: str = SAFE_CLIP_336  # hub id or folder of a CLIP checkpoint, or "original"
+    revision: str | None = None  # branch, tag or commit of the LLaVA hub repo
+    tower_revision: str | None = None  # branch, tag or commit of the tower hub repo
+    quantize: str = "none"  # none | 4bit | 8bit (bitsandbytes, language model only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    prompt_format: str = "auto"  # built-in format when the checkpoint has no chat template
+
+    def __post_init__(self) -> None:
+        _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
+        base = self.device.split(":", 1)[0]
+        if base not in DEVICE_CHOICES or (":" in self.device and base != "cuda"):
+            raise UsageError(
+                f"unknown device {self.device!r}: use one of {', '.join(DEVICE_CHOICES)} or cuda:N"
+            )
+
+    @property
+    def uses_original_tower(self) -> bool:
+        """True when the checkpoint's own (unsafe) CLIP tower is kept."""
+        return self.vision_tower == ORIGINAL_TOWER
+
+
+@dataclass
+class Preset:
+    """A named model setup: checkpoints, prompt format and generation defaults."""
+
+    name: str
+    model: ModelOptions = field(default_factory=ModelOptions)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    description: str = ""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
+
+
+def available_presets() -> list[str]:
+    """Names of the built-in presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UsageError(f"preset file {name_or_path} does not exist")
+        return path
+    builtin = PRESET_DIR / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        raise UsageError(
+            f"unknown preset {name_or_path!r}: use one of {', '.join(available_presets())} "
+            "or a path to a .yaml file"
+        )
+    return builtin
+
+
+def _from_mapping(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
+    """Read a built-in preset by name, or a preset YAML file by path."""
+    import yaml
+
+    path = _preset_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise UsageError(f"preset {path}: {first}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"preset {path} must be a YAML mapping")
+    data = dict(data)
+    name = str(data.pop("name", path.stem))
+    description = str(data.pop("description", ""))
+    generation = _from_mapping(GenerationOptions, data.pop("generation", None), f"preset {path}: generation")
+    model = _from_mapping(ModelOptions, data, f"preset {path}")
+    return Preset(name=name, model=model, generation=generation, description=description)
+
+
+def override(options: Any, **changes: Any) -> Any:
+    """A copy of a dataclass with the given fields replaced, skipping changes that are None."""
+    return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,34 @@
+"""Errors a user can cause, each carrying the one line the CLI prints and its exit code."""
+
+from __future__ import annotations
+
+
+class SafeLlavaError(Exception):
+    """Base class: the message is one line that names the thing and what to do."""
+
+    exit_code = 1
+
+
+class UsageError(SafeLlavaError):
+    """A bad flag, preset or option value."""
+
+    exit_code = 2
+
+
+class ModelLoadError(SafeLlavaError):
+    """The LLaVA checkpoint, its processor or the vision tower cannot be loaded."""
+
+    exit_code = 2
+
+
+class IncompatibleTowerError(ModelLoadError):
+    """The vision tower does not fit the LLaVA's projector or image processor."""
+
+
+class ImageError(SafeLlavaError):
+    """One image cannot be read; the others go on."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason

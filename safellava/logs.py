@@ -1,0 +1,29 @@
+"""Keep transformers, huggingface_hub and torch quiet unless asked (``--verbose``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def configure(verbose: bool) -> None:
+    """Quiet start-up reports, progress bars and per-generate warnings, or show them all."""
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import huggingface_hub.utils as hub_utils
+    import transformers
+
+    if verbose:
+        transformers.logging.set_verbosity_info()
+        transformers.logging.enable_progress_bar()
+        hub_utils.enable_progress_bars()
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    warnings.filterwarnings("ignore", module=r"(transformers|torch|bitsandbytes|accelerate)(\.|$)")
+    for name in ("bitsandbytes", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,127 @@
+"""The vision tower: read its config, check that it fits a LLaVA, map its weights, fingerprint it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .config import SAFE_CLIP_336
+from .errors import IncompatibleTowerError, ModelLoadError
+
+TOWER_PREFIX = "model.vision_tower."
+# Stock tower keys in a LLaVA checkpoint, in the legacy and the transformers-5 layouts.
+STOCK_TOWER_KEY = re.compile(r"^(model\.)?vision_tower\.")
+_VISION_HALF = "vision_model."
+_TOP_LEVEL_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+_SAFE_CLIP_SHAPE = {"hidden_size": 1024, "image_size": 336, "patch_size": 14}
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """A vision tower checkpoint, resolved: where it is and its vision config."""
+
+    source: str  # hub id or folder
+    revision: str | None
+    config: Any  # transformers CLIPVisionConfig
+
+
+def read_tower_config(source: str, revision: str | None = None) -> TowerSpec:
+    """Read the vision config of a ``CLIPModel`` or ``CLIPVisionModel`` checkpoint (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load vision tower {source}: {first}") from None
+    if config.model_type == "clip":
+        vision = config.vision_config
+    elif config.model_type == "clip_vision_model":
+        vision = config
+    else:
+        raise ModelLoadError(
+            f"vision tower {source} is a {config.model_type!r} checkpoint, not CLIP: "
+            f"use a CLIP ViT checkpoint such as {SAFE_CLIP_336}"
+        )
+    return TowerSpec(source=source, revision=revision, config=vision)
+
+
+def _feature_layers(llava_config: Any) -> list[int]:
+    layer = llava_config.vision_feature_layer
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def fit_problems(llava_config: Any, tower_config: Any) -> list[str]:
+    """What keeps a tower from replacing the LLaVA's own: empty when it fits."""
+    expected = llava_config.vision_config
+    problems = [
+        f"{label} {getattr(tower_config, attr)} where the LLaVA needs {getattr(expected, attr)}"
+        for attr, label in (
+            ("hidden_size", "hidden size"),
+            ("image_size", "image size"),
+            ("patch_size", "patch size"),
+        )
+        if getattr(tower_config, attr) != getattr(expected, attr)
+    ]
+    depth = tower_config.num_hidden_layers
+    for layer in _feature_layers(llava_config):
+        # hidden_states holds the embeddings plus one entry per layer: depth + 1 in all.
+        if not -(depth + 1) <= layer <= depth:
+            problems.append(f"{depth} layers, too few for vision_feature_layer {layer}")
+    return problems
+
+
+def fitting_tower_hint(llava_config: Any) -> str:
+    """Which tower would fit this LLaVA, in words."""
+    vision = llava_config.vision_config
+    shape = {k: getattr(vision, k) for k in _SAFE_CLIP_SHAPE}
+    hint = (
+        f"a CLIP ViT with hidden size {shape['hidden_size']}, image size {shape['image_size']} "
+        f"and patch size {shape['patch_size']}"
+    )
+    if shape == _SAFE_CLIP_SHAPE:
+        hint += f" (ViT-L/14-336, such as {SAFE_CLIP_336})"
+    return hint
+
+
+def check_tower_fits(llava_config: Any, tower: TowerSpec, model_name: str) -> None:
+    """Raise ``IncompatibleTowerError`` naming every mismatch and the tower that would fit."""
+    problems = fit_problems(llava_config, tower.config)
+    if problems:
+        raise IncompatibleTowerError(
+            f"vision tower {tower.source} does not fit {model_name}: {'; '.join(problems)}. "
+            f"Use {fitting_tower_hint(llava_config)}"
+        )
+
+
+def expected_tower_keys(tower_config: Any) -> set[str]:
+    """State-dict keys of a CLIP vision model with this config (built on the meta device)."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    with torch.device("meta"):
+        model = CLIPVisionModel(tower_config)
+    return set(model.state_dict())
+
+
+def tower_state_dict(checkpoint: dict[str, Any], tower: TowerSpec) -> dict[str, Any]:
+    """The tower's vision weights renamed to LLaVA keys; the text half is left unread."""
+    expected = expected_tower_keys(tower.config)
+    mapped: dict[str, Any] = {}
+    for key, tensor in checkpoint.items():
+        if key.startswith(_VISION_HALF):
+            name = key[len(_VISION_HALF) :]
+        elif key.startswith(_TOP_LEVEL_MODULES):
+            name = key
+        else:
+            continue  # text half, projections, logit scale
+        if name in expected:
+            mapped[TOWER_PREFIX + name] = tensor
+    missing = sorted(expected - {k[len(TOWER_PREFIX) :] for k in mapped})
+    if missing:
+        raise ModelLoadError(
+            f"vision tower {tower.source} lacks {len(missing)} of its {len(expected)} vision weights "
+            f"(first: {missing[0]}): the checkpoint is incomplete or not a CLIP vision model"
+        )
+    return mapped

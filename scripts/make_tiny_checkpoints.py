@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Build tiny random LLaVA, LLaVA-NeXT and Safe-CLIP stand-in checkpoints, offline, in seconds.
+
+They have the real classes, processors, chat templates and a sentencepiece tokenizer trained on the
+spot, so everything the 7B models go through (tower swap, projector, templates, quantization,
+generation, the CLI) runs on them for real. The tests import this module; a person can run it:
+
+    python scripts/make_tiny_checkpoints.py /tmp/tiny
+
+and then, for example, ``safellava caption photo.jpg --model /tmp/tiny/llava
+--vision-tower /tmp/tiny/safeclip``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# Shapes of the tiny vision tower: a CLIP ViT with 32 px images in 8 px patches (16 patches + CLS).
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+IMAGE_TOKEN = "<image>"
+
+# Chat templates in the style the llava-hf checkpoints ship: images first, then text, per message.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ ' ' + part['text'] }}{% endif %}{% endfor %}"
+    "{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+_CORPUS = (
+    "a the an this that man woman child dog cat bird horse car bus bicycle boat canal street road "
+    "park beach city room table chair window tree sky water grass red blue green yellow black white "
+    "jacket shirt hat photo picture image shows is are was riding walking sitting standing holding "
+    "on in at with of and near under behind describe what happening here colour color there his her "
+    "their USER ASSISTANT INST system you helpful assistant answer question questions detailed "
+    "caption "
+)
+
+
+@dataclass(frozen=True)
+class TinyCheckpoints:
+    """Folders of the tiny checkpoints, as ``build_all`` wrote them."""
+
+    llava: Path  # LlavaForConditionalGeneration with its processor and chat template
+    llava_next: Path  # LlavaNextForConditionalGeneration with its processor and chat template
+    safeclip: Path  # CLIPModel that fits both (the Safe-CLIP stand-in)
+    safeclip_vision_only: Path  # the same vision weights saved as a CLIPVisionModel
+    clip_wide: Path  # CLIPModel with a different hidden size
+    clip_large_images: Path  # CLIPModel with a different image size
+    clip_coarse_patches: Path  # CLIPModel with a different patch size
+
+
+def train_tokenizer(out_dir: Path, seed: int = 0):
+    """Train a small byte-fallback BPE sentencepiece model and wrap it as a Llama tokenizer."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    rng = random.Random(seed)
+    words = _CORPUS.split()
+    lines = [" ".join(rng.choice(words) for _ in range(14)) for _ in range(3000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(out_dir)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer
+
+
+def _vision_config(**overrides):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**{**TINY_VISION, **overrides})
+
+
+def _text_config(family: str, tokenizer):
+    from transformers import LlamaConfig, MistralConfig
+
+    config_class = LlamaConfig if family == "llava" else MistralConfig
+    return config_class(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **TINY_TEXT,
+    )
+
+
+def build_llava(out_dir: Path, tokenizer, family: str = "llava", seed: int = 0) -> Path:
+    """Write a tiny LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava_next"``) checkpoint."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    size = TINY_VISION["image_size"]
+    patch = TINY_VISION["patch_size"]
+    common = dict(
+        vision_config=_vision_config(),
+        text_config=_text_config(family, tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(size // patch) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    if family == "llava":
+        config = LlavaConfig(**common)
+        model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+    elif family == "llava_next":
+        pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_grid_pinpoints=pinpoints,
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=MISTRAL_CHAT_TEMPLATE,
+        )
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    _shape_tiny_model(model, tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _shape_tiny_model(model, tokenizer) -> None:
+    """Nudge the random weights so that captions read as words and depend on the image."""
+    import torch
+
+    with torch.no_grad():
+        # Large image features next to token embeddings: the image steers the caption.
+        model.model.multi_modal_projector.linear_2.weight.mul_(8.0)
+        # Byte-fallback pieces get zero logits, below about half of the word pieces: no stray bytes.
+        vocab = tokenizer.get_vocab()
+        byte_ids = [i for piece, i in vocab.items() if piece.startswith("<0x") and piece.endswith(">")]
+        model.lm_head.weight[byte_ids] = 0.0
+
+
+def build_clip(out_dir: Path, seed: int, vision_only: bool = False, **vision_overrides) -> Path:
+    """Write a tiny CLIP checkpoint (a ``CLIPModel`` as Safe-CLIP ships, or a ``CLIPVisionModel``)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    vision = _vision_config(**vision_overrides)
+    if vision_only:
+        CLIPVisionModel(vision).save_pretrained(out_dir)
+        return out_dir
+    text = CLIPTextConfig(
+        vocab_size=99,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=TINY_VISION["projection_dim"],
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    config = CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=TINY_VISION["projection_dim"],
+    )
+    CLIPModel(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_all(out_dir: Path | str) -> TinyCheckpoints:
+    """Build every tiny checkpoint under ``out_dir`` and return their folders."""
+    import torch
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(out / "tokenizer")
+    build_llava(out / "llava", tokenizer, "llava", seed=1)
+    build_llava(out / "llava_next", tokenizer, "llava_next", seed=2)
+    build_clip(out / "safeclip", seed=3)
+    # The vision-only variant carries exactly the Safe-CLIP stand-in's vision weights.
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel.from_pretrained(out / "safeclip").save_pretrained(out / "safeclip_vision_only")
+    build_clip(out / "clip_wide", seed=4, hidden_size=48)
+    build_clip(out / "clip_large_images", seed=5, image_size=64)
+    build_clip(out / "clip_coarse_patches", seed=6, patch_size=16)
+    paths = TinyCheckpoints(
+        llava=out / "llava",
+        llava_next=out / "llava_next",
+        safeclip=out / "safeclip",
+        safeclip_vision_only=out / "safeclip_vision_only",
+        clip_wide=out / "clip_wide",
+        clip_large_images=out / "clip_large_images",
+        clip_coarse_patches=out / "clip_coarse_patches",
+    )
+    (out / "index.json").write_text(
+        json.dumps({k: str(v) for k, v in paths.__dict__.items()}, indent=2) + "\n"
+    )
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write the checkpoints into")
+    args = parser.parse_args()
+    paths = build_all(args.out_dir)
+    for name, path in paths.__dict__.items():
+        print(f"{name:22} {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny checkpoints built once per session, offline, and test images."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Before transformers is imported anywhere: never reach the Hugging Face hub from a test.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_tiny_checkpoints  # noqa: E402
+
+MAX_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> make_tiny_checkpoints.TinyCheckpoints:
+    """Every tiny checkpoint, built once for the whole session."""
+    return make_tiny_checkpoints.build_all(tmp_path_factory.mktemp("tiny"))
+
+
+def _noise_image(path: Path, seed: int, size: tuple[int, int] = (64, 48)) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three different small RGB images, one of them tall (exercises LLaVA-NeXT tiling)."""
+    folder = tmp_path_factory.mktemp("images")
+    return [
+        _noise_image(folder / "one.png", 0),
+        _noise_image(folder / "two.jpg", 1),
+        _noise_image(folder / "tall.png", 2, size=(24, 96)),
+    ]
+
+
+@pytest.fixture(scope="session")
+def safe_llava(tiny):
+    """Tiny LLaVA-1.5 with the Safe-CLIP stand-in tower, float32 on the CPU."""
+    import safellava
+
+    return safellava.load(
+        model=str(tiny.llava), vision_tower=str(tiny.safeclip), device="cpu", max_new_tokens=MAX_NEW_TOKENS
+    )
+
+
+@pytest.fixture(scope="session")
+def original_llava(tiny):
+    """Tiny LLaVA-1.5 with its own (stock) tower."""
+    import safellava
+
+    return safellava.load(
+        model=str(tiny.llava), vision_tower="original", device="cpu", max_new_tokens=MAX_NEW_TOKENS
+    )
+
+
+@pytest.fixture(scope="session")
+def safe_next(tiny):
+    """Tiny LLaVA-NeXT with the Safe-CLIP stand-in tower."""
+    import safellava
+
+    return safellava.load(
+        model=str(tiny.llava_next),
+        vision_tower=str(tiny.safeclip),
+        device="cpu",
+        max_new_tokens=MAX_NEW_TOKENS,
+    )

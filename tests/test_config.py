@@ -1,0 +1,99 @@
+"""Presets: one per row of the model table, YAML files by path, flags overriding them."""
+
+from __future__ import annotations
+
+import pytest
+
+from safellava.config import (
+    DEFAULT_PRESET,
+    SAFE_CLIP_336,
+    GenerationOptions,
+    ModelOptions,
+    available_presets,
+    load_preset,
+    override,
+)
+from safellava.errors import UsageError
+
+MODEL_TABLE = {
+    "llava-1.5-7b": ("llava-hf/llava-1.5-7b-hf", "llava"),
+    "llava-1.5-13b": ("llava-hf/llava-1.5-13b-hf", "llava"),
+    "llava-1.6-mistral-7b": ("llava-hf/llava-v1.6-mistral-7b-hf", "mistral"),
+    "llava-1.6-vicuna-7b": ("llava-hf/llava-v1.6-vicuna-7b-hf", "vicuna"),
+    "llava-1.6-vicuna-13b": ("llava-hf/llava-v1.6-vicuna-13b-hf", "vicuna"),
+    "llava-1.6-34b": ("llava-hf/llava-v1.6-34b-hf", "chatml"),
+}
+
+
+def test_every_model_table_row_has_a_preset():
+    assert sorted(available_presets()) == sorted(MODEL_TABLE)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_TABLE))
+def test_preset_contents(name):
+    preset = load_preset(name)
+    assert preset.name == name
+    assert (preset.model.model, preset.model.prompt_format) == MODEL_TABLE[name]
+    assert preset.model.vision_tower == SAFE_CLIP_336
+    assert preset.generation.temperature == 0.0
+    assert preset.description
+
+
+def test_default_preset_is_llava_15_7b():
+    assert DEFAULT_PRESET == "llava-1.5-7b"
+    assert load_preset().model.model == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_preset_from_yaml_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "model: /models/llava\nvision_tower: /models/safeclip\nquantize: 4bit\n"
+        "generation:\n  max_new_tokens: 20\n  prompt: Describe it.\n"
+    )
+    preset = load_preset(str(path))
+    assert preset.name == "mine"
+    assert preset.model.model == "/models/llava"
+    assert preset.model.quantize == "4bit"
+    assert preset.generation.max_new_tokens == 20
+    assert preset.generation.prompt == "Describe it."
+    assert preset.generation.top_p == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: x\ncolour: red\n", "unknown keys colour"),
+        ("generation:\n  beams: 3\n", "unknown keys beams"),
+        ("quantize: 3bit\n", "unknown quantize '3bit'"),
+        ("generation:\n  temperature: -1\n", "temperature must be 0"),
+        ("- a\n- b\n", "must be a YAML mapping"),
+        ("model: [unclosed\n", "preset"),
+    ],
+)
+def test_bad_preset_files_are_usage_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        load_preset(str(path))
+
+
+def test_unknown_preset_name_lists_the_known_ones():
+    with pytest.raises(UsageError, match=r"unknown preset 'llava-9'.*llava-1.5-7b"):
+        load_preset("llava-9")
+
+
+def test_missing_preset_file():
+    with pytest.raises(UsageError, match="does not exist"):
+        load_preset("/nowhere/preset.yaml")
+
+
+def test_override_skips_none_and_validates():
+    base = ModelOptions()
+    changed = override(base, quantize="8bit", device=None)
+    assert changed.quantize == "8bit"
+    assert changed.device == base.device
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        override(base, device="tpu")
+    assert override(base, device="cuda:1").device == "cuda:1"
+    with pytest.raises(UsageError, match="batch_size must be at least 1"):
+        override(GenerationOptions(), batch_size=0)
