@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from .config import (
     QUANTIZE_CHOICES,
     available_presets,
 )
-from .errors import SafeLlavaError
+from .errors import SafeLlavaError, UsageError
 
 PROG = "safellava"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -64,7 +65,7 @@ def _model_arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def _generation_arguments() -> argparse.ArgumentParser:
+def _generation_arguments(batched: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("generation")
     group.add_argument("--prompt", help="the question or instruction (default: a one-sentence caption)")
@@ -75,7 +76,8 @@ def _generation_arguments() -> argparse.ArgumentParser:
     )
     group.add_argument("--top-p", type=float, help="nucleus sampling mass, when sampling")
     group.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    group.add_argument("--batch-size", type=_positive_int, help="images per generate call")
+    if batched:
+        group.add_argument("--batch-size", type=_positive_int, help="images per generate call")
     return parser
 
 
@@ -109,7 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files; '-' reads one from stdin")
     caption.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    caption.add_argument(
+        "--stream", action="store_true", help="print the caption as it is generated (one image)"
+    )
     caption.set_defaults(handler=run_caption)
+
+    chat = commands.add_parser(
+        "chat",
+        help="talk about an image, turn by turn",
+        description="Chat about an image: answers stream as they are generated; /help lists the commands. "
+        "With stdin not a terminal, each line is a question and only the answers are printed.",
+        parents=[_common_arguments(), _model_arguments(), _generation_arguments(batched=False)],
+    )
+    chat.add_argument("image", nargs="?", metavar="IMAGE", help="the image to talk about (or /image later)")
+    chat.set_defaults(handler=run_chat)
     return parser
 
 
@@ -141,7 +156,7 @@ def load_model(args: argparse.Namespace) -> Any:
 def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The generation flags that were given, by ``GenerationOptions`` field name."""
     names = ("prompt", "system", "max_new_tokens", "temperature", "top_p", "seed", "batch_size")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def open_images(sources: Sequence[str]) -> tuple[list[tuple[str, Any]], int]:
@@ -164,14 +179,31 @@ def open_images(sources: Sequence[str]) -> tuple[list[tuple[str, Any]], int]:
     return opened, failures
 
 
+def _stream_to_stdout(answer: Any) -> None:
+    started = False
+    for chunk in answer:
+        if not started:
+            chunk = chunk.lstrip()
+            started = bool(chunk)
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def run_caption(args: argparse.Namespace) -> int:
     """``safellava caption``: print one caption (or JSON record) per image as batches finish."""
+    if args.stream and (len(args.images) > 1 or args.json):
+        raise UsageError("--stream takes one image and prints plain text (no --json)")
     opened, failures = open_images(args.images)
     if not opened:
         _say("no image could be read")
         return EXIT_SOME_FAILED
     model = load_model(args)
     options = model.generation_options(**generation_overrides(args))
+    if args.stream:
+        _stream_to_stdout(model.stream(opened[0][1], **generation_overrides(args)))
+        return EXIT_OK
     several = len(args.images) > 1
     for start in range(0, len(opened), options.batch_size):
         chunk = opened[start : start + options.batch_size]
@@ -195,6 +227,60 @@ def run_caption(args: argparse.Namespace) -> int:
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
                 print(f"{name}: {caption}" if several else caption, flush=True)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _banner(model: Any) -> str:
+    name = model.preset if model.preset and model.model_id == model.options.model else model.model_id
+    precision = model.options.quantize if model.options.quantize != "none" else str(model.placement.dtype)
+    return f"{PROG} · {name} · tower {model.vision_tower} · {precision.replace('torch.', '')} · /help for commands"
+
+
+def _terminal_reader(prompt: str) -> str | None:
+    try:
+        return input(prompt)
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+
+
+def _pipe_reader(prompt: str) -> str | None:
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """``safellava chat``: a conversation about an image, in a terminal or from piped stdin."""
+    from .chat import ChatSession
+    from .images import load_image
+    from .repl import ChatIO, ChatLoop
+
+    image = load_image(args.image) if args.image else None
+    model = load_model(args)
+    session = ChatSession(model, model.generation_options(**generation_overrides(args)))
+    if image is not None:
+        session.set_image(image, name=args.image)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - line editing and history for input()
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    io = ChatIO(
+        read_line=_terminal_reader if interactive else _pipe_reader,
+        write=write,
+        error=lambda message: _say(message),
+        notice=lambda message: print(message, file=sys.stderr, flush=True),
+        interactive=interactive,
+    )
+    if interactive:
+        io.notice(_banner(model))
+        if image is None:
+            io.notice("no image yet: questions are text only until /image PATH")
+    failures = ChatLoop(session, io).run()
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from PIL import Image
@@ -30,9 +31,9 @@ def generation_kwargs(options: GenerationOptions, tokenizer: Any) -> dict[str, A
 def build_inputs(
     processor: Any, images: Sequence[Image.Image], prompts: Sequence[str], device: Any, dtype: Any
 ) -> Any:
-    """Tokenize prompts and preprocess images into one left-padded batch on the model's device."""
-    inputs = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
-    return inputs.to(device, dtype=dtype) if hasattr(inputs, "to") else inputs
+    """Tokenize prompts and preprocess images (none: text only) into one left-padded batch."""
+    inputs = processor(images=list(images) or None, text=list(prompts), padding=True, return_tensors="pt")
+    return inputs.to(device, dtype=dtype)
 
 
 def decode_new_tokens(processor: Any, output_ids: Any, prompt_length: int) -> list[str]:
@@ -89,3 +90,125 @@ class BatchSizer:
                 continue
             start += len(chunk)
         return results
+
+
+class StreamingAnswer:
+    """Text chunks of one answer as ``generate`` produces them in a background thread.
+
+    Iterate to receive the chunks; ``stop()`` ends generation early (Ctrl-C). Afterwards ``text``
+    holds what was generated and ``num_tokens``/``tokens_per_second`` how fast it came.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        inputs: Any,
+        options: GenerationOptions,
+        on_finish: Callable[[str], None] | None = None,
+    ):
+        import threading
+
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop_event = threading.Event()
+
+        class _StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                import torch
+
+                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool)
+
+        self._stop_event = stop_event
+        self._prompt_length = inputs["input_ids"].shape[1]
+        self._streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._error: BaseException | None = None
+        self._output: Any = None
+        self.chunks: list[str] = []
+        self._on_finish = on_finish
+        self.stopped = False
+        self.seconds = 0.0
+        kwargs = {
+            **inputs,
+            **generation_kwargs(options, processor.tokenizer),
+            "streamer": self._streamer,
+            "stopping_criteria": StoppingCriteriaList([_StopWhenAsked()]),
+        }
+        if options.seed is not None:
+            from transformers import set_seed
+
+            set_seed(options.seed)
+        self._thread = threading.Thread(target=self._generate, args=(model, kwargs), daemon=True)
+        self._started = time.perf_counter()
+        self._thread.start()
+
+    def _generate(self, model: Any, kwargs: dict[str, Any]) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                self._output = model.generate(**kwargs)
+        except BaseException as exc:  # handed to the reading thread, which re-raises it
+            self._error = exc
+            self._streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._streamer:
+            if chunk:
+                self.chunks.append(chunk)
+                yield chunk
+        self._finish()
+
+    def stop(self) -> None:
+        """Stop generating; the text so far is kept."""
+        self.stopped = True
+        self._stop_event.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._thread.join()
+        self.seconds = time.perf_counter() - self._started
+        if self._on_finish is not None and self._error is None:
+            on_finish, self._on_finish = self._on_finish, None
+            on_finish(self.text)
+        if self._error is not None:
+            import torch
+
+            error, self._error = self._error, None
+            if isinstance(error, torch.OutOfMemoryError):
+                raise SafeLlavaError(
+                    "out of GPU memory: try --quantize 4bit or a lower --max-new-tokens"
+                ) from None
+            raise error
+
+    @property
+    def text(self) -> str:
+        """The answer so far, without surrounding whitespace."""
+        return "".join(self.chunks).strip()
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of tokens generated (known once generation has ended)."""
+        return 0 if self._output is None else int(self._output.shape[1] - self._prompt_length)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generation speed, from the start of ``generate`` to its end."""
+        return self.num_tokens / self.seconds if self.seconds else 0.0
+
+
+def stream_answer(
+    model: Any,
+    processor: Any,
+    prompt: str,
+    image: Image.Image | None,
+    options: GenerationOptions,
+    on_finish: Callable[[str], None] | None = None,
+) -> StreamingAnswer:
+    """Start generating an answer to a prompt (with or without an image), streamed chunk by chunk.
+
+    ``on_finish`` receives the answer's text once, when it ends or is stopped.
+    """
+    images = [image] if image is not None else []
+    inputs = build_inputs(processor, images, [prompt], model.device, model.dtype)
+    return StreamingAnswer(model, processor, inputs, options, on_finish)

@@ -8,8 +8,9 @@ from typing import Any
 
 from .config import GenerationOptions, ModelOptions
 from .devices import Placement
-from .generate import BatchSizer, caption_batch
+from .generate import BatchSizer, StreamingAnswer, caption_batch, stream_answer
 from .images import ImageSource, load_image
+from .prompts import render_prompt, single_turn
 
 
 @dataclass
@@ -71,3 +72,9 @@ class SafeLlava:
         opened = [load_image(source) for source in sources]
         captions = self.caption_images(opened, self.generation_options(prompt=prompt, **generation))
         return captions[0] if single else captions
+
+    def stream(self, image: ImageSource, prompt: str | None = None, **generation: Any) -> StreamingAnswer:
+        """Caption one image, yielding the text as it is generated."""
+        options = self.generation_options(prompt=prompt, **generation)
+        text = render_prompt(self.processor, single_turn(options.prompt, options.system), self.prompt_format)
+        return stream_answer(self.model, self.processor, text, load_image(image), options)

@@ -1,0 +1,131 @@
+"""Multi-turn conversation state about one image, independent of any terminal."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .config import GenerationOptions
+from .errors import SafeLlavaError, UsageError
+from .generate import StreamingAnswer, build_inputs, stream_answer
+from .images import ImageSource, describe, load_image
+from .model import SafeLlava
+from .prompts import Turn, render_prompt
+from .writers import atomic_write_text
+
+
+class ContextOverflowError(SafeLlavaError):
+    """Even the image turn and the new question alone do not fit the model's context."""
+
+
+def context_length(loaded: SafeLlava) -> int:
+    """How many tokens the language model attends to."""
+    return int(loaded.model.config.text_config.max_position_embeddings)
+
+
+@dataclass
+class ChatSession:
+    """A conversation: the image, the turns so far, and how to ask the next question."""
+
+    loaded: SafeLlava
+    options: GenerationOptions
+    context_tokens: int = 0  # prompt + answer budget; 0 means the model's own context length
+    image: Any = None  # the RGB image the conversation is about, or None for text only
+    image_name: str | None = None
+    turns: list[Turn] = field(default_factory=list)  # user and assistant turns, oldest first
+    dropped_turns: int = 0  # turns removed so far to fit the context
+
+    def __post_init__(self) -> None:
+        if not self.context_tokens:
+            self.context_tokens = context_length(self.loaded)
+
+    def set_image(self, source: ImageSource, name: str | None = None) -> None:
+        """Open a new image (``ImageError`` if it cannot be read) and start a new conversation."""
+        self.image = load_image(source)
+        self.image_name = name or describe(source)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation, keep the image."""
+        self.turns = []
+        self.dropped_turns = 0
+
+    def _conversation(self, question: str) -> list[Turn]:
+        system = [Turn("system", self.options.system)] if self.options.system else []
+        first_user = not any(turn.role == "user" for turn in self.turns)
+        new = Turn("user", question, image=self.image is not None and first_user)
+        return [*system, *self.turns, new]
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        images = [self.image] if self.image is not None else []
+        loaded = self.loaded
+        inputs = build_inputs(loaded.processor, images, [prompt], "cpu", None)
+        return int(inputs["input_ids"].shape[1])
+
+    def _fit_context(self, question: str) -> str:
+        """The prompt for ``question``, dropping the oldest exchanges (never the image turn) to fit."""
+        budget = self.context_tokens - self.options.max_new_tokens
+        while True:
+            prompt = render_prompt(
+                self.loaded.processor, self._conversation(question), self.loaded.prompt_format
+            )
+            if self._prompt_tokens(prompt) <= budget:
+                return prompt
+            # Keep the first exchange (it carries the image); drop the next oldest one.
+            keep = 2 if self.turns and self.turns[0].image else 0
+            if len(self.turns) <= keep:
+                raise ContextOverflowError(
+                    f"the question does not fit the model's context of {self.context_tokens} tokens "
+                    f"with {self.options.max_new_tokens} new tokens: ask something shorter or /reset"
+                )
+            del self.turns[keep : keep + 2]
+            self.dropped_turns += 2
+
+    def ask(self, question: str) -> StreamingAnswer:
+        """Start answering ``question``; the exchange joins the history once the answer ends."""
+        if not question.strip():
+            raise UsageError("empty question")
+        prompt = self._fit_context(question)
+        user = self._conversation(question)[-1]
+
+        def record(answer_text: str) -> None:
+            self.turns.extend([user, Turn("assistant", answer_text)])
+
+        return stream_answer(
+            self.loaded.model, self.loaded.processor, prompt, self.image, self.options, on_finish=record
+        )
+
+    def transcript(self) -> dict[str, Any]:
+        """Everything needed to read the conversation back: model, tower, image and turns."""
+        return {
+            **self.loaded.record(),
+            "preset": self.loaded.preset,
+            "image": self.image_name,
+            "system": self.options.system,
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "turns": [{"role": turn.role, "text": turn.text} for turn in self.turns],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the transcript as JSON, or as Markdown when ``path`` ends in .md."""
+        target = Path(path)
+        if not target.parent.is_dir():
+            raise UsageError(f"cannot save to {target}: folder {target.parent} does not exist")
+        data = self.transcript()
+        if target.suffix.lower() in (".md", ".markdown"):
+            return atomic_write_text(target, transcript_markdown(data))
+        return atomic_write_text(target, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def transcript_markdown(data: dict[str, Any]) -> str:
+    """A transcript as Markdown: the header fields, then each turn."""
+    lines = ["# safellava chat", ""]
+    for key in ("model", "vision_tower", "image", "system", "saved_at"):
+        if data.get(key):
+            lines.append(f"- {key.replace('_', ' ')}: {data[key]}")
+    for turn in data["turns"]:
+        lines += ["", f"**{turn['role'].capitalize()}:** {turn['text']}"]
+    return "\n".join(lines) + "\n"
