@@ -144,4 +144,8 @@ def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
 
 def override(options: Any, **changes: Any) -> Any:
     """A copy of a dataclass with the given fields replaced, skipping changes that are None."""
+    known = {f.name for f in fields(options)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise UsageError(f"unknown option {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})

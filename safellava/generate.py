@@ -50,11 +50,16 @@ def caption_batch(
     prompt_format: str,
 ) -> list[str]:
     """Caption a batch of RGB images with one ``generate`` call."""
+    prompt = render_prompt(processor, single_turn(options.prompt, options.system), prompt_format)
+    inputs = build_inputs(processor, images, [prompt] * len(images), model.device, model.dtype)
+    return generate_captions(model, processor, inputs, options)
+
+
+def generate_captions(model: Any, processor: Any, inputs: Any, options: GenerationOptions) -> list[str]:
+    """One ``generate`` call on prepared inputs (on the model's device); the decoded answers."""
     import torch
     from transformers import set_seed
 
-    prompt = render_prompt(processor, single_turn(options.prompt, options.system), prompt_format)
-    inputs = build_inputs(processor, images, [prompt] * len(images), model.device, model.dtype)
     if options.seed is not None:
         set_seed(options.seed)
     with torch.inference_mode():

@@ -58,54 +58,21 @@ def write_checkpoints(folder: Path, tower_dtype: str) -> tuple[Path, Path, Path]
     """Write the LLaVA-shaped checkpoint, the Safe-CLIP-shaped CLIPModel and a test image."""
     import numpy as np
     import torch
-    from make_tiny_checkpoints import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, train_tokenizer
+    from make_tiny_checkpoints import build_llava, train_tokenizer
     from PIL import Image
     from transformers import (
         CLIPConfig,
-        CLIPImageProcessorPil,
         CLIPModel,
         CLIPTextConfig,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     tokenizer = train_tokenizer(folder / "tokenizer")
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VIT_L_336),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **NARROW_LM,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=576,
+    llava = build_llava(
+        folder / "llava", tokenizer, vision=VIT_L_336, text=NARROW_LM, never_stop=True, save_dtype="float16"
     )
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():  # an end-of-sequence logit of 0 is never the largest: always 32 tokens
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
-    llava = folder / "llava"
-    model.to(torch.float16).save_pretrained(llava)  # llava-hf checkpoints are float16
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(llava)
-    del model
 
     torch.manual_seed(1)
     clip = CLIPModel(

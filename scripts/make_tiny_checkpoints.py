@@ -123,7 +123,7 @@ def _vision_config(**overrides):
     return CLIPVisionConfig(**{**TINY_VISION, **overrides})
 
 
-def _text_config(family: str, tokenizer):
+def _text_config(family: str, tokenizer, shape: dict):
     from transformers import LlamaConfig, MistralConfig
 
     config_class = LlamaConfig if family == "llava" else MistralConfig
@@ -132,12 +132,26 @@ def _text_config(family: str, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **TINY_TEXT,
+        **shape,
     )
 
 
-def build_llava(out_dir: Path, tokenizer, family: str = "llava", seed: int = 0) -> Path:
-    """Write a tiny LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava_next"``) checkpoint."""
+def build_llava(
+    out_dir: Path,
+    tokenizer,
+    family: str = "llava",
+    seed: int = 0,
+    vision: dict | None = None,
+    text: dict | None = None,
+    never_stop: bool = False,
+    save_dtype: str | None = None,
+) -> Path:
+    """Write a LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava_next"``) random checkpoint.
+
+    ``vision``/``text`` override the tiny shapes (benchmarks use bigger ones); ``never_stop``
+    makes end-of-sequence unreachable, so every answer has ``max_new_tokens`` tokens;
+    ``save_dtype`` ("float16") saves in half precision, as llava-hf checkpoints are.
+    """
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -150,11 +164,11 @@ def build_llava(out_dir: Path, tokenizer, family: str = "llava", seed: int = 0) 
         LlavaProcessor,
     )
 
-    size = TINY_VISION["image_size"]
-    patch = TINY_VISION["patch_size"]
+    vision = {**TINY_VISION, **(vision or {})}
+    size, patch = vision["image_size"], vision["patch_size"]
     common = dict(
-        vision_config=_vision_config(),
-        text_config=_text_config(family, tokenizer),
+        vision_config=_vision_config(**vision),
+        text_config=_text_config(family, tokenizer, {**TINY_TEXT, **(text or {})}),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(size // patch) ** 2,
         vision_feature_layer=-2,
@@ -195,7 +209,12 @@ def build_llava(out_dir: Path, tokenizer, family: str = "llava", seed: int = 0) 
     else:
         raise ValueError(f"unknown family {family!r}")
     _shape_tiny_model(model, tokenizer)
+    if never_stop:
+        with torch.no_grad():  # a logit of 0 is never the largest of a random head's
+            model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if save_dtype is not None:
+        model.to(getattr(torch, save_dtype))
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -1,0 +1,336 @@
+"""Folder captioning: discovery, sharding, resume, background decoding, batches, error isolation."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import GenerationOptions
+from .errors import ImageError, UsageError
+from .generate import build_inputs, generate_captions
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .model import SafeLlava
+from .prompts import render_prompt, single_turn
+from .writers import JsonlWriter, SidecarWriter, get_writer
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+OOM_REASON = "out of GPU memory even alone: try --quantize 4bit or a lower --max-new-tokens"
+
+
+@dataclass(frozen=True)
+class Item:
+    """An image found under the input folder."""
+
+    path: Path  # the file, as reached from the input folder
+    name: str  # its path relative to the input folder, with "/" separators
+
+
+@dataclass
+class BatchOptions:
+    """What to caption and where the captions go."""
+
+    root: Path  # the input folder
+    recursive: bool = False  # descend into subfolders
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # image file extensions, any case
+    format: str = "txt"  # txt (a caption file per image) | jsonl | csv
+    output: Path | None = None  # txt: a folder to mirror into; jsonl/csv: the file
+    caption_ext: str = ".txt"  # extension of txt caption files
+    prefix: str = ""  # put before each caption
+    suffix: str = ""  # put after each caption
+    overwrite: bool = False  # recaption images that already have a caption
+    errors: Path | None = None  # where failures are recorded; None: beside the output
+    workers: int = 2  # background threads decoding and preprocessing images
+    shard: tuple[int, int] = (1, 1)  # (K, N): take the K-th of N deterministic parts
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if self.format not in ("txt", "jsonl", "csv"):
+            raise UsageError(f"unknown format {self.format!r}: use txt, jsonl or csv")
+        if self.format != "txt" and self.output is None:
+            raise UsageError(f"--format {self.format} needs --output FILE")
+        if self.output is not None:
+            self.output = Path(self.output)
+        if self.format != "txt" and self.output is not None and self.output.is_dir():
+            raise UsageError(f"--output {self.output} is a folder: --format {self.format} writes one file")
+        index, count = self.shard
+        if not 1 <= index <= count:
+            raise UsageError(f"shard {index}/{count}: K must be between 1 and N")
+        if self.workers < 0:
+            raise UsageError("--workers must be 0 (decode in the main thread) or more")
+
+    @property
+    def errors_path(self) -> Path:
+        """The errors file: as given, or beside the output (documented default)."""
+        if self.errors is not None:
+            return Path(self.errors)
+        index, count = self.shard
+        tag = f".shard-{index}-of-{count}" if count > 1 else ""
+        if self.format == "txt":
+            return (self.output or self.root) / f"safellava-errors{tag}.jsonl"
+        assert self.output is not None
+        return self.output.with_name(f"{self.output.stem}{tag}.errors.jsonl")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N), with 1 <= K <= N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: use K/N, for example 2/8") from None
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(f"--shard {text!r}: K must be between 1 and N")
+    return index, count
+
+
+def in_shard(name: str, shard: tuple[int, int]) -> bool:
+    """Whether an image belongs to a shard: a stable hash of its relative path, modulo N."""
+    index, count = shard
+    digest = hashlib.sha1(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count == index - 1
+
+
+def discover(
+    root: Path, recursive: bool = False, extensions: Iterable[str] = DEFAULT_EXTENSIONS
+) -> list[Item]:
+    """Image files under ``root`` by extension, hidden ones skipped, in a stable sorted order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder")
+    wanted = {extension.lower().lstrip(".") for extension in extensions}
+    found: list[Item] = []
+    visited: set[str] = set()
+
+    def walk(folder: Path, prefix: str) -> None:
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink loop, or a folder reached twice
+            return
+        visited.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    if recursive:
+                        walk(Path(entry.path), f"{prefix}{entry.name}/")
+                elif entry.is_file() and Path(entry.name).suffix.lower().lstrip(".") in wanted:
+                    found.append(Item(Path(entry.path), f"{prefix}{entry.name}"))
+            except OSError:
+                continue  # a broken symlink or a vanished file
+
+    walk(root, "")
+    return sorted(found, key=lambda item: item.name)
+
+
+@dataclass
+class BatchPlan:
+    """Which images will be captioned, which are already done, and which cannot be."""
+
+    todo: list[Item] = field(default_factory=list)
+    skipped: list[Item] = field(default_factory=list)
+    refused: list[tuple[Item, str]] = field(default_factory=list)
+
+
+def open_writer(options: BatchOptions, dry_run: bool = False) -> Any:
+    """The output writer, with the records already there read (resume) or cleared (overwrite).
+
+    A dry run changes nothing on disk.
+    """
+    writer = get_writer(options.format, options.root, options.output, options.caption_ext)
+    if not options.overwrite:
+        writer.load(repair=not dry_run)
+    elif not dry_run:
+        writer.reset()
+    return writer
+
+
+def plan_folder(options: BatchOptions, writer: Any) -> BatchPlan:
+    """Discover, shard and split the images of a folder (what ``--dry-run`` shows)."""
+    items = discover(options.root, options.recursive, options.extensions)
+    items = [item for item in items if in_shard(item.name, options.shard)]
+    return plan_batch(items, writer, options.overwrite)
+
+
+def plan_batch(items: list[Item], writer: Any, overwrite: bool) -> BatchPlan:
+    """Split the images into to-do and already captioned; refuse caption-file name clashes."""
+    plan = BatchPlan()
+    claimed: dict[Path, str] = {}
+    for item in items:
+        if isinstance(writer, SidecarWriter):
+            try:
+                target = writer.target(item.name)
+            except ValueError as exc:
+                plan.refused.append((item, str(exc)))
+                continue
+            if target in claimed:
+                plan.refused.append((item, f"its caption file {target.name} is also {claimed[target]}'s"))
+                continue
+            claimed[target] = item.name
+        if not overwrite and writer.is_done(item.name):
+            plan.skipped.append(item)
+        else:
+            plan.todo.append(item)
+    return plan
+
+
+@dataclass
+class Progress:
+    """Where a batch run stands, after each batch."""
+
+    done: int  # images captioned or failed in this run
+    total: int  # images to caption in this run
+    captioned: int
+    failed: int
+    skipped: int  # already captioned before this run
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Prepared:
+    """A batch ready for ``generate``: the images that opened, their inputs, and the failures."""
+
+    items: list[Item]
+    images: list[Any]
+    inputs: Any
+    failures: list[tuple[Item, str]]
+
+
+class BatchCaptioner:
+    """Captions a folder with one loaded model: prefetching batches, writing as it goes."""
+
+    def __init__(self, loaded: SafeLlava, options: BatchOptions, generation: GenerationOptions, writer: Any):
+        self.loaded = loaded
+        self.options = options
+        self.generation = generation
+        self.writer = writer
+        self.batch_size = generation.batch_size  # halves on CUDA out-of-memory, and stays halved
+        self.prompt = render_prompt(
+            loaded.processor, single_turn(generation.prompt, generation.system), loaded.prompt_format
+        )
+        self._local = threading.local()
+
+    def _processor(self) -> Any:
+        if getattr(self._local, "processor", None) is None:
+            # A private copy per thread: a shared tokenizer is not safe across threads.
+            self._local.processor = copy.deepcopy(self.loaded.processor)
+        return self._local.processor
+
+    def prepare(self, items: list[Item]) -> Prepared:
+        """Open the images and build the model inputs (runs in a worker thread)."""
+        opened, images, failures = [], [], []
+        for item in items:
+            try:
+                images.append(load_image(item.path, self.options.max_pixels))
+                opened.append(item)
+            except ImageError as exc:
+                failures.append((item, exc.reason))
+        inputs = None
+        if images:
+            inputs = build_inputs(self._processor(), images, [self.prompt] * len(images), "cpu", None)
+        return Prepared(opened, images, inputs, failures)
+
+    def _batches(self, items: list[Item]) -> Iterator[list[Item]]:
+        start = 0
+        while start < len(items):
+            chunk = items[start : start + self.batch_size]
+            start += len(chunk)
+            yield chunk
+
+    def _prefetched(self, items: list[Item]) -> Iterator[Prepared]:
+        if self.options.workers == 0:
+            yield from (self.prepare(batch) for batch in self._batches(items))
+            return
+        depth = self.options.workers + 1
+        with ThreadPoolExecutor(self.options.workers, thread_name_prefix="safellava-decode") as pool:
+            pending: deque[Any] = deque()
+            for batch in self._batches(items):
+                pending.append(pool.submit(self.prepare, batch))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _caption(self, images: list[Any], inputs: Any = None) -> list[str | None]:
+        """Captions for a batch (None for an image that does not fit in memory even alone)."""
+        import torch
+
+        model = self.loaded.model
+        try:
+            if inputs is None:
+                inputs = build_inputs(self.loaded.processor, images, [self.prompt] * len(images), "cpu", None)
+            inputs = inputs.to(model.device, dtype=model.dtype)
+            return generate_captions(model, self.loaded.processor, inputs, self.generation)
+        except torch.OutOfMemoryError:
+            del inputs
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(images) == 1:
+                return [None]
+            self.batch_size = max(1, (min(self.batch_size, len(images)) + 1) // 2)  # halves, rounding up
+            captions: list[str | None] = []
+            for start in range(0, len(images), self.batch_size):
+                captions += self._caption(images[start : start + self.batch_size])
+            return captions
+
+    def run(self, plan: BatchPlan, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+        """Caption ``plan.todo``, writing captions and failures after every batch."""
+        errors = JsonlWriter(self.options.errors_path)
+        errors.reset()  # failures of earlier runs are retried, so only this run's are listed
+        started = time.perf_counter()
+        progress = Progress(0, len(plan.todo) + len(plan.refused), 0, 0, len(plan.skipped), 0.0)
+
+        def record_failures(failures: list[tuple[Item, str]]) -> None:
+            errors.write({"image": item.name, "error": reason} for item, reason in failures)
+            progress.failed += len(failures)
+            progress.done += len(failures)
+
+        try:
+            record_failures(plan.refused)
+            for prepared in self._prefetched(plan.todo):
+                failures = list(prepared.failures)
+                records = []
+                if prepared.images:
+                    captions = self._caption(prepared.images, prepared.inputs)
+                    for item, caption in zip(prepared.items, captions, strict=True):
+                        if caption is None:
+                            failures.append((item, OOM_REASON))
+                        else:
+                            records.append(self._record(item, caption))
+                self.writer.write(records)
+                progress.captioned += len(records)
+                progress.done += len(records)
+                record_failures(failures)
+                progress.seconds = time.perf_counter() - started
+                if on_progress is not None:
+                    on_progress(progress)
+        finally:
+            self.writer.close()
+            errors.close()
+        progress.seconds = time.perf_counter() - started
+        return progress
+
+    def _record(self, item: Item, caption: str) -> dict[str, Any]:
+        return {
+            "image": item.name,
+            "caption": f"{self.options.prefix}{caption}{self.options.suffix}",
+            "prompt": self.generation.prompt,
+            **self.loaded.record(),
+            "preset": self.loaded.preset,
+        }

@@ -1,0 +1,315 @@
+"""``safellava batch``: discovery, formats, resume, sharding, failures, a real kill -9, OOM splits."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from safellava import batch as batch_module
+from safellava.batch import BatchCaptioner, BatchOptions, discover, open_writer, parse_shard, plan_folder
+from safellava.cli import main
+from safellava.errors import UsageError
+from safellava.writers import CsvWriter, JsonlWriter, SidecarWriter
+
+from .conftest import MAX_NEW_TOKENS
+
+GOOD = sorted(
+    [
+        "cmyk.jpg",
+        "gray.png",
+        "nested/deeper/palette.gif",
+        "nested/rgba.png",
+        "nested/rotated.jpg",
+        "photo.JPG",
+        "café ☕.png",
+    ]
+)
+BAD = {
+    "corrupt.jpg": "corrupt or truncated",
+    "empty.png": "empty file",
+    "nested/notes.jpg": "not an image file",
+    "random.webp": "not an image file",
+}
+
+
+def _noise(seed: int, size=(40, 30)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """A folder with nested subfolders, odd image modes and every kind of bad file."""
+    root = tmp_path / "images"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    (root / ".cache").mkdir()
+    Image.fromarray(_noise(0)).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(_noise(1)).convert("L").save(root / "gray.png")
+    Image.fromarray(_noise(2)).convert("P").save(root / "nested/deeper/palette.gif")
+    Image.fromarray(_noise(3)).convert("RGBA").save(root / "nested/rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_noise(4)).save(root / "nested/rotated.jpg", exif=exif)
+    Image.fromarray(_noise(5)).save(root / "photo.JPG")
+    Image.fromarray(_noise(6)).save(root / "café ☕.png")
+    Image.fromarray(_noise(7)).save(root / ".cache/hidden.png")
+    full = root / "full.jpg"
+    Image.fromarray(_noise(8, (64, 64))).save(full, quality=95)
+    (root / "corrupt.jpg").write_bytes(full.read_bytes()[:400])
+    full.unlink()
+    (root / "empty.png").write_bytes(b"")
+    (root / "nested/notes.jpg").write_text("shopping list: milk, eggs")
+    (root / "random.webp").write_bytes(os.urandom(300))
+    (root / "readme.txt").write_text("not an image extension")
+    (root / "nested" / "loop").symlink_to("..")
+    return root
+
+
+def _model_flags(tiny):
+    return ["--model", str(tiny.llava), "--vision-tower", str(tiny.safeclip), "--device", "cpu"]
+
+
+def _batch(capsys, tiny, folder, *flags):
+    code = main(["batch", str(folder), *_model_flags(tiny), "--max-new-tokens", str(MAX_NEW_TOKENS), *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_discovery_is_sorted_skips_hidden_and_survives_symlink_loops(dataset):
+    names = [item.name for item in discover(dataset, recursive=True)]
+    assert names == sorted(GOOD + list(BAD))
+    assert [i.name for i in discover(dataset)] == sorted(n for n in GOOD + list(BAD) if "/" not in n)
+    assert [i.name for i in discover(dataset, True, ("gif", "WEBP"))] == [
+        "nested/deeper/palette.gif",
+        "random.webp",
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
+def test_every_format_records_good_images_and_lists_failures(tiny, dataset, tmp_path, capsys, fmt):
+    output = tmp_path / f"captions.{fmt}"
+    flags = ["-r", "--format", fmt] + ([] if fmt == "txt" else ["--output", str(output)])
+    code, _, err = _batch(capsys, tiny, dataset, *flags, "--batch-size", "3")
+    assert code == 1
+    if fmt == "txt":
+        captions = {n: (dataset / n).with_suffix(".txt").read_text(encoding="utf-8") for n in GOOD}
+        assert all(text.strip() and text.endswith("\n") for text in captions.values())
+        errors_path = dataset / "safellava-errors.jsonl"
+    else:
+        if fmt == "jsonl":
+            records = _jsonl(output)
+        else:
+            with output.open(newline="", encoding="utf-8") as file:
+                records = list(csv.DictReader(file))
+        assert [r["image"] for r in records] == GOOD
+        for record in records:
+            assert record["caption"]
+            assert record["model"] == str(tiny.llava)
+            assert record["vision_tower"] == str(tiny.safeclip)
+            assert record["prompt"] == "Provide a one-sentence caption for the provided image."
+        errors_path = tmp_path / "captions.errors.jsonl"
+    failures = {r["image"]: r["error"] for r in _jsonl(errors_path)}
+    assert set(failures) == set(BAD)
+    for name, reason in BAD.items():
+        assert reason in failures[name]
+    assert f"failures are listed in {errors_path}" in err
+    assert "captioned 7, skipped 0 already captioned, failed 4" in err
+
+
+def test_rerun_skips_done_retries_failed_and_overwrite_redoes(tiny, dataset, tmp_path, capsys):
+    output = tmp_path / "c.jsonl"
+    flags = ["-r", "--format", "jsonl", "--output", str(output)]
+    _batch(capsys, tiny, dataset, *flags)
+    first = _jsonl(output)
+    (dataset / "empty.png").unlink()
+    Image.fromarray(_noise(9)).save(dataset / "random.webp")  # fixed between runs
+    code, _, err = _batch(capsys, tiny, dataset, *flags)
+    assert code == 1
+    assert "captioned 1, skipped 7 already captioned, failed 2" in err
+    assert _jsonl(output)[:7] == first
+    assert [r["image"] for r in _jsonl(output)] == [*GOOD, "random.webp"]
+    assert {r["image"] for r in _jsonl(tmp_path / "c.errors.jsonl")} == {"corrupt.jpg", "nested/notes.jpg"}
+    code, _, err = _batch(capsys, tiny, dataset, *flags, "--overwrite")
+    assert "captioned 8, skipped 0" in err
+    assert sorted(r["image"] for r in _jsonl(output)) == sorted([*GOOD, "random.webp"])
+
+
+def test_txt_mirrors_into_an_output_folder_with_prefix_suffix_and_prompt_file(
+    tiny, dataset, tmp_path, capsys
+):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Describe the photo.\n")
+    out = tmp_path / "mirror"
+    code, _, _ = _batch(
+        capsys, tiny, dataset, "-r", "--output", str(out), "--caption-ext", "caption",
+        "--prefix", "photo, ", "--suffix", " [safe]", "--prompt-file", str(prompt),
+    )  # fmt: skip
+    assert code == 1
+    assert not list(dataset.rglob("*.caption"))
+    for name in GOOD:
+        text = (out / name).with_suffix(".caption").read_text(encoding="utf-8")
+        assert text.startswith("photo, ") and text.endswith(" [safe]\n")
+    assert (out / "safellava-errors.jsonl").exists()
+
+
+def test_caption_files_never_escape_and_never_collide(tmp_path):
+    writer = SidecarWriter(tmp_path, tmp_path / "out")
+    assert writer.target("a/b.jpg") == (tmp_path / "out" / "a" / "b.txt").resolve()
+    with pytest.raises(ValueError, match="outside"):
+        writer.target("../../etc/passwd.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "same.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "same.png")
+    options = BatchOptions(root=tmp_path)
+    plan = plan_folder(options, open_writer(options))
+    assert [i.name for i in plan.todo] == ["same.jpg"]
+    assert [(i.name, why) for i, why in plan.refused] == [
+        ("same.png", "its caption file same.txt is also same.jpg's")
+    ]
+
+
+def test_shards_cover_every_file_exactly_once(dataset, tmp_path):
+    everything = [i.name for i in discover(dataset, recursive=True)]
+    seen = []
+    for k in (1, 2, 3):
+        options = BatchOptions(
+            root=dataset, recursive=True, format="jsonl", output=tmp_path / f"{k}.jsonl", shard=(k, 3)
+        )
+        seen += [i.name for i in plan_folder(options, open_writer(options, dry_run=True)).todo]
+    assert sorted(seen) == everything
+    assert parse_shard("2/8") == (2, 8)
+    for bad in ("0/3", "4/3", "2", "a/b"):
+        with pytest.raises(UsageError):
+            parse_shard(bad)
+
+
+def test_dry_run_lists_and_changes_nothing(tiny, dataset, tmp_path, capsys):
+    output = tmp_path / "c.jsonl"
+    output.write_text(json.dumps({"image": "gray.png", "caption": "x"}) + '\n{"image": "pho')
+    before = output.read_bytes()
+    code, out, err = _batch(capsys, tiny, dataset, "-r", "--format", "jsonl", "-o", str(output), "--dry-run")
+    assert code == 0
+    assert "skip\tgray.png" in out.splitlines()
+    assert "caption\tphoto.JPG" in out.splitlines()
+    assert "dry run: 10 to caption, 1 already captioned, 0 refused" in err
+    assert output.read_bytes() == before
+    assert not (tmp_path / "c.errors.jsonl").exists()
+
+
+def test_a_record_cut_by_a_kill_is_repaired(tmp_path):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"image": "a.png", "caption": "one"}\n{"image": "b.png", "capt')
+    writer = JsonlWriter(jsonl)
+    writer.load()
+    assert writer.is_done("a.png") and not writer.is_done("b.png")
+    assert jsonl.read_text() == '{"image": "a.png", "caption": "one"}\n'
+
+    table = tmp_path / "c.csv"
+    fields = ("image", "caption")
+    table.write_text('image,caption\na.png,"two\nlines"\nb.png,"cut in\nthe mid')
+    writer = CsvWriter(table, fields)
+    writer.load()
+    assert writer.is_done("a.png") and not writer.is_done("b.png")
+    assert table.read_text() == 'image,caption\na.png,"two\nlines"\n'
+    writer.write([{"image": "b.png", "caption": 'say "hi"'}])
+    writer.close()
+    with table.open(newline="") as file:
+        assert list(csv.DictReader(file)) == [
+            {"image": "a.png", "caption": "two\nlines"},
+            {"image": "b.png", "caption": 'say "hi"'},
+        ]
+
+
+def test_batch_sizes_1_and_4_caption_the_same_images_alike(tiny, dataset, tmp_path, capsys):
+    results = {}
+    for size in (1, 4):
+        output = tmp_path / f"bs{size}.jsonl"
+        _batch(capsys, tiny, dataset, "-r", "--format", "jsonl", "-o", str(output), "--batch-size", str(size))
+        results[size] = [(r["image"], r["caption"]) for r in _jsonl(output)]
+    assert [name for name, _ in results[1]] == GOOD
+    assert results[1] == results[4]
+
+
+def test_out_of_memory_halves_the_batch_and_isolates_a_single_image(safe_llava, tmp_path, monkeypatch):
+    for i in range(7):
+        Image.fromarray(_noise(50 + i)).save(tmp_path / f"{i}.png")
+    real = batch_module.generate_captions
+    sizes = []
+
+    def tight_memory(model, processor, inputs, options):
+        size = inputs["input_ids"].shape[0]
+        sizes.append(size)
+        if size > 2 or (size == 1 and sizes.count(1) == 1):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, processor, inputs, options)
+
+    monkeypatch.setattr(batch_module, "generate_captions", tight_memory)
+    options = BatchOptions(root=tmp_path, format="jsonl", output=tmp_path / "out" / "c.jsonl", workers=0)
+    writer = open_writer(options)
+    captioner = BatchCaptioner(safe_llava, options, safe_llava.generation_options(batch_size=4), writer)
+    progress = captioner.run(plan_folder(options, writer))
+    assert sizes == [4, 2, 2, 2, 1]  # 4 fails, its halves pass, later batches are formed at 2
+    assert captioner.batch_size == 2
+    assert (progress.captioned, progress.failed) == (6, 1)
+    failure = _jsonl(tmp_path / "out" / "c.errors.jsonl")
+    assert failure == [{"image": "6.png", "error": batch_module.OOM_REASON}]
+    assert [r["image"] for r in _jsonl(tmp_path / "out" / "c.jsonl")] == [f"{i}.png" for i in range(6)]
+
+
+def test_progress_lines_off_a_terminal(tiny, dataset, capsys):
+    code, _, err = _batch(capsys, tiny, dataset, "-r", "--log-every", "4", "--batch-size", "2")
+    assert code == 1
+    lines = [line for line in err.splitlines() if "images/s," in line and "ETA" in line]
+    assert [line.split(" images,")[0] for line in lines] == [
+        "safellava: 4/11",
+        "safellava: 8/11",
+        "safellava: 11/11",
+    ]
+
+
+def test_bad_batch_usage(tiny, dataset, tmp_path, capsys):
+    assert _batch(capsys, tiny, dataset, "--format", "csv")[0] == 2
+    assert _batch(capsys, tiny, tmp_path / "nowhere")[0] == 2
+    assert _batch(capsys, tiny, dataset, "--shard", "9/2")[0] == 2
+    code, _, err = _batch(capsys, tiny, dataset, "--prompt-file", str(tmp_path / "none.txt"))
+    assert code == 2 and "--prompt-file" in err
+
+
+def test_kill_9_midway_then_rerun_leaves_one_complete_record_per_image(tiny, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    names = [f"img{i:03d}.png" for i in range(40)]
+    for i, name in enumerate(names):
+        Image.fromarray(_noise(100 + i)).save(folder / name)
+    output = tmp_path / "many.jsonl"
+    command = [
+        sys.executable, "-m", "safellava", "batch", str(folder), *_model_flags(tiny),
+        "--format", "jsonl", "-o", str(output), "--batch-size", "1", "--max-new-tokens", "48",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if output.exists() and output.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = output.read_text().count("\n")
+    assert 3 <= written < len(names), "the kill did not land mid-run"
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    lines = output.read_text().splitlines()
+    assert sorted(json.loads(line)["image"] for line in lines) == names
