@@ -170,6 +170,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.set_defaults(handler=run_batch)
 
+    compare = commands.add_parser(
+        "compare",
+        help="caption images through the safe and the original tower, side by side",
+        description="Caption each image twice with the same LLaVA, prompt and seed: through the Safe-CLIP "
+        "tower and through the checkpoint's original CLIP tower. The language model is loaded once.",
+        parents=[_common_arguments(), _model_arguments(), _generation_arguments()],
+    )
+    compare.add_argument("images", nargs="+", metavar="IMAGE", help="image files; '-' reads one from stdin")
+    compare.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    compare.set_defaults(handler=run_compare)
+
+    export = commands.add_parser(
+        "export",
+        help="write the LLaVA with the Safe-CLIP tower baked in, for plain transformers and serving engines",
+        description="Write a merged checkpoint (safetensors, standard transformers layout) with a model card "
+        "and safellava.json. Half precision unless --dtype says otherwise.",
+        parents=[_common_arguments(), _model_arguments()],
+    )
+    export.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must be empty, or --force)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    export.set_defaults(handler=run_export)
+
+    info = commands.add_parser(
+        "info",
+        help="what a preset or model/tower resolves to, and whether the tower fits",
+        description="Resolved checkpoints and revisions, family and prompt format, the tower's fit, "
+        "parameter counts, expected weight memory, the tower fingerprint, versions and devices. "
+        "Reads configs only (and the tower's weights if they are on disk) unless --load.",
+        parents=[_common_arguments(), _model_arguments()],
+    )
+    info.add_argument("--load", action="store_true", help="also load the model and report its real footprint")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=run_info)
     return parser
 
 
@@ -384,6 +417,159 @@ def run_batch(args: argparse.Namespace) -> int:
     if progress.failed:
         _say(f"failures are listed in {options.errors_path}; a rerun retries them")
         return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _wrap_table(rows: list[tuple[str, str, str]], headers: tuple[str, str, str]) -> str:
+    """A three-column text table wrapped to the terminal's width."""
+    import shutil
+    import textwrap
+
+    width = shutil.get_terminal_size((100, 24)).columns
+    first = min(max(len(headers[0]), *(len(r[0]) for r in rows)), width // 4)
+    rest = max(20, (width - first - 6) // 2)
+    lines = []
+    for row in [headers, *rows]:
+        cells = [textwrap.wrap(cell, w) or [""] for cell, w in zip(row, (first, rest, rest), strict=True)]
+        for index in range(max(len(c) for c in cells)):
+            parts = [
+                (c[index] if index < len(c) else "").ljust(w)
+                for c, w in zip(cells, (first, rest, rest), strict=True)
+            ]
+            lines.append(" | ".join(parts).rstrip())
+        if row is headers:
+            lines.append("-+-".join("-" * w for w in (first, rest, rest)))
+    return "\n".join(lines)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``safellava compare``: each image's caption through the safe tower and the original one."""
+    from .compare import TowerComparer
+
+    if args.vision_tower == ORIGINAL_TOWER:
+        raise UsageError("compare sets the safe tower against the original one: give a safe --vision-tower")
+    opened, failures = open_images(args.images)
+    if not opened:
+        _say("no image could be read")
+        return EXIT_SOME_FAILED
+    model = load_model(args)
+    options = model.generation_options(**generation_overrides(args))
+    comparer = TowerComparer(model)
+    names = [name for name, _ in opened]
+    results = comparer.compare(names, [image for _, image in opened], options)
+    if args.json:
+        for result in results:
+            record = {
+                "image": result.image,
+                "prompt": options.prompt,
+                "safe": result.safe,
+                "original": result.original,
+                **model.record(),
+                "original_tower": f"{model.model_id} (its own CLIP tower)",
+                "seed": options.seed,
+            }
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+    elif sys.stdout.isatty():
+        rows = [(r.image, r.safe, r.original) for r in results]
+        print(_wrap_table(rows, ("image", f"safe ({model.vision_tower})", "original CLIP")))
+    else:
+        for result in results:
+            print(f"{result.image}\n  safe:     {result.safe}\n  original: {result.original}", flush=True)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``safellava export``: the merged checkpoint, written atomically."""
+    from .export import check_target, export
+
+    if args.quantize not in (None, "none"):
+        raise UsageError(
+            f"cannot export a {args.quantize}-quantized model: export in float16 or bfloat16 and "
+            "quantize when loading the export (--quantize works on it too)"
+        )
+    check_target(Path(args.out_dir).absolute(), args.force)
+    args.dtype = args.dtype or "float16"
+    model = load_model(args)
+    target = export(model, args.out_dir, force=args.force)
+    _say(f"exported {model.model_id} with the tower {model.vision_tower} to {target}")
+    return EXIT_OK
+
+
+def _human_bytes(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _info_text(report: dict[str, Any]) -> str:
+    model, tower, params = report["model"], report["vision_tower"], report["parameters"]
+    lines = [
+        f"preset          {report['preset'] or '-'}",
+        f"model           {model['id']} (revision {model['revision'] or 'default'}, commit {model['commit'] or '-'})",
+        f"family          {model['family']} ({model['language_model']} language model), vision_feature_layer {model['vision_feature_layer']}",
+        f"prompt          {'chat template of the checkpoint' if model['chat_template'] else 'built-in format'}; built-in format {model['prompt_format']}",
+    ]
+    if tower["id"] == ORIGINAL_TOWER:
+        lines.append("vision tower    original: the checkpoint's own CLIP (not Safe-CLIP)")
+    else:
+        lines.append(
+            f"vision tower    {tower['id']} (revision {tower['revision'] or 'default'}, commit {tower['commit'] or '-'})"
+        )
+        shape = tower["shape"]
+        lines.append(
+            f"tower shape     hidden {shape['hidden_size']}, image {shape['image_size']}, patch {shape['patch_size']}, {shape['num_hidden_layers']} layers"
+        )
+        lines.append(
+            "tower fit       fits"
+            if tower["fits"]
+            else f"tower fit       DOES NOT FIT: {'; '.join(tower['problems'])}. Use {tower['fits_hint']}"
+        )
+        lines.append(f"fingerprint     {tower['fingerprint'] or tower.get('fingerprint_note')}")
+    lines.append(
+        f"parameters      tower {params['vision_tower']:,}, projector {params['projector']:,}, "
+        f"language model {params['language_model']:,}, total {params['total']:,}"
+    )
+    memory = report["weight_memory_bytes"]
+    lines.append(
+        f"weight memory   {_human_bytes(memory['none'])} in half precision, {_human_bytes(memory['8bit'])} with 8bit, "
+        f"{_human_bytes(memory['4bit'])} with 4bit (approximate)"
+    )
+    versions = ", ".join(
+        f"{name} {version or 'not installed'}" for name, version in report["versions"].items()
+    )
+    lines.append(f"versions        {versions}")
+    devices = ", ".join(
+        f"cuda:{d['index']} {d['name']} ({d['memory_gib']} GiB)" if d["type"] == "cuda" else d["type"]
+        for d in report["devices"]
+    )
+    lines.append(f"devices         {devices}")
+    if "loaded" in report:
+        loaded = report["loaded"]
+        lines.append(
+            f"loaded          in {loaded['seconds']}s on {loaded['device']}, {loaded['dtype']}, quantize {loaded['quantize']}: "
+            f"{_human_bytes(loaded['memory_footprint_bytes'])}"
+        )
+    return "\n".join(lines)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """``safellava info``: resolved checkpoints, tower fit, sizes, versions and devices."""
+    from . import logs
+    from .info import describe
+    from .loader import resolve_options
+
+    logs.configure(args.verbose)
+    options, _, preset = resolve_options(
+        args.preset,
+        model=args.model,
+        vision_tower=args.vision_tower,
+        revision=args.revision,
+        tower_revision=args.tower_revision,
+        quantize=args.quantize,
+        device=args.device,
+        dtype=args.dtype,
+        prompt_format=args.prompt_format,
+    )
+    report = describe(options, preset=preset, load=args.load)
+    print(json.dumps(report, indent=2) if args.json else _info_text(report))
     return EXIT_OK
 
 

@@ -150,6 +150,28 @@ def _load_generation_config(model: Any, options: ModelOptions) -> None:
         model.generation_config = GenerationConfig.from_pretrained(options.model, revision=options.revision)
 
 
+def resolve_options(
+    preset: str | Preset | None = None, **overrides: Any
+) -> tuple[ModelOptions, GenerationOptions, str | None]:
+    """A preset with the given overrides: model options, generation defaults and the preset's name.
+
+    Giving ``model`` without a preset means another checkpoint than the default preset's: then no
+    preset is named and the prompt format is detected rather than assumed.
+    """
+    chosen = preset if isinstance(preset, Preset) else load_preset(preset or DEFAULT_PRESET)
+    model_fields = {f for f in ModelOptions.__dataclass_fields__}
+    model_overrides = {k: v for k, v in overrides.items() if k in model_fields}
+    generation_overrides = {k: v for k, v in overrides.items() if k not in model_fields}
+    preset_name: str | None = chosen.name
+    if model_overrides.get("model") is not None and preset is None:
+        preset_name = None
+        if model_overrides.get("prompt_format") is None:
+            model_overrides["prompt_format"] = "auto"
+    options: ModelOptions = override(chosen.model, **model_overrides)
+    generation_options: GenerationOptions = override(chosen.generation, **generation_overrides)
+    return options, generation_options, preset_name
+
+
 def load(
     preset: str | Preset | None = None,
     *,
@@ -170,14 +192,8 @@ def load(
     """
     import transformers
 
-    chosen = preset if isinstance(preset, Preset) else load_preset(preset or DEFAULT_PRESET)
-    preset_name: str | None = chosen.name
-    if model is not None and preset is None:
-        preset_name = None  # another checkpoint than the default preset's
-        if prompt_format is None:
-            prompt_format = "auto"  # detect its format rather than assume LLaVA 1.5's
-    options = override(
-        chosen.model,
+    options, generation_options, preset_name = resolve_options(
+        preset,
         model=model,
         vision_tower=vision_tower,
         revision=revision,
@@ -186,8 +202,8 @@ def load(
         device=device,
         dtype=dtype,
         prompt_format=prompt_format,
+        **generation,
     )
-    generation_options: GenerationOptions = override(chosen.generation, **generation)
     placement = resolve_placement(options.device, options.dtype, options.quantize)
 
     config = read_llava_config(options)
@@ -218,3 +234,37 @@ def load(
         generation=generation_options,
         preset=preset_name,
     )
+
+
+def load_original_tower(loaded: SafeLlava) -> Any:
+    """The LLaVA checkpoint's own CLIP tower, as a module beside the loaded model (for compare).
+
+    Only the stock tower's tensors are read; it gets the device and dtype of the loaded tower.
+    """
+    from transformers import CLIPVisionModel
+
+    config = read_llava_config(loaded.options)
+    reference = next(loaded.model.model.vision_tower.parameters())
+    files = resolve_weight_files(loaded.options.model, loaded.options.revision)
+    with open_lazy_state_dict(files) as llava:
+        state = {}
+        for key, value in llava.items():
+            match = STOCK_TOWER_KEY.match(key)
+            if match:
+                state[key[match.end() :].removeprefix("vision_model.")] = value
+        tower, info = _from_pretrained(
+            CLIPVisionModel,
+            f"{loaded.options.model} (its own vision tower)",
+            None,
+            config=config.vision_config,
+            state_dict=state,
+            output_loading_info=True,
+            dtype=reference.dtype,
+            device_map={"": reference.device},
+        )
+    if info["missing_keys"] or info["mismatched_keys"]:
+        missing = sorted(info["missing_keys"]) or sorted(str(k) for k in info["mismatched_keys"])
+        raise ModelLoadError(
+            f"the vision tower of {loaded.options.model} is incomplete (first: {missing[0]})"
+        )
+    return tower.eval()

@@ -19,11 +19,13 @@ def configure(verbose: bool) -> None:
         transformers.logging.set_verbosity_info()
         transformers.logging.enable_progress_bar()
         hub_utils.enable_progress_bars()
+        hub_utils.logging.set_verbosity_info()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     hub_utils.disable_progress_bars()
+    hub_utils.logging.set_verbosity_error()  # download retries: the final error is reported once
     warnings.filterwarnings("ignore", module=r"(transformers|torch|bitsandbytes|accelerate)(\.|$)")
     for name in ("bitsandbytes", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

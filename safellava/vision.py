@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -125,3 +126,25 @@ def tower_state_dict(checkpoint: dict[str, Any], tower: TowerSpec) -> dict[str, 
             f"(first: {missing[0]}): the checkpoint is incomplete or not a CLIP vision model"
         )
     return mapped
+
+
+def tower_fingerprint(tower: TowerSpec, files: list[Any]) -> str:
+    """sha256 over the tower's vision weights as its checkpoint stores them: names, dtypes, shapes, bytes.
+
+    It names the exact Safe-CLIP weights behind a caption or an export, whatever dtype they ran in.
+    """
+    import torch
+
+    from .weights import open_lazy_state_dict
+
+    digest = hashlib.sha256()
+    with open_lazy_state_dict(files) as checkpoint:
+        mapped = tower_state_dict(checkpoint, tower)
+        for key in sorted(mapped):
+            tensor = mapped[key][...].contiguous()
+            name = key[len(TOWER_PREFIX) :]
+            digest.update(
+                f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode()
+            )
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"

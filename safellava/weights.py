@@ -15,29 +15,35 @@ _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def _hub_file(repo: str, filename: str, revision: str | None) -> str | None:
+def _hub_file(repo: str, filename: str, revision: str | None, local_only: bool = False) -> str | None:
     from transformers.utils import cached_file
 
     try:
-        return cached_file(repo, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
+        return cached_file(
+            repo,
+            filename,
+            revision=revision,
+            local_files_only=local_only,
+            _raise_exceptions_for_missing_entries=False,
+        )
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot fetch {filename} from {repo}: {first}") from None
 
 
-def resolve_weight_files(repo: str, revision: str | None = None) -> list[Path]:
-    """The weight files of a checkpoint, downloaded into the hub cache if they are not local."""
+def resolve_weight_files(repo: str, revision: str | None = None, local_only: bool = False) -> list[Path]:
+    """The weight files of a checkpoint, downloaded into the hub cache unless ``local_only``."""
     for index_name, single_name in zip(_INDEX_FILES, _SINGLE_FILES, strict=True):
-        index = _hub_file(repo, index_name, revision)
+        index = _hub_file(repo, index_name, revision, local_only)
         if index is not None:
             weight_map = json.loads(Path(index).read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
-            files = [_hub_file(repo, shard, revision) for shard in shards]
+            files = [_hub_file(repo, shard, revision, local_only) for shard in shards]
             missing = [s for s, f in zip(shards, files, strict=True) if f is None]
             if missing:
                 raise ModelLoadError(f"{repo}: weight shard {missing[0]} named in {index_name} is missing")
             return [Path(f) for f in files if f is not None]
-        single = _hub_file(repo, single_name, revision)
+        single = _hub_file(repo, single_name, revision, local_only)
         if single is not None:
             return [Path(single)]
     raise ModelLoadError(f"{repo} has no model weights (no model.safetensors or pytorch_model.bin)")

@@ -1,0 +1,169 @@
+"""What a preset or model/tower pair resolves to, from configs alone (weights only with ``load``)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from typing import Any
+
+from .config import ModelOptions
+from .errors import ModelLoadError
+from .export import resolved_commit
+from .loader import FAMILIES, load_processor, read_llava_config
+from .prompts import detect_format
+from .vision import fit_problems, fitting_tower_hint, read_tower_config, tower_fingerprint
+from .weights import resolve_weight_files
+
+# bitsandbytes storage per quantized weight, in bytes: NF4 packs two per byte plus a double-quantized
+# absmax (8 bit per 64 weights, then fp32 per 256 blocks); LLM.int8 is a byte plus an fp32 scale per row.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+HALF_BYTES = 2
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for package in ("safellava", "torch", "transformers", "accelerate", "bitsandbytes"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _devices() -> list[dict[str, Any]]:
+    import torch
+
+    devices: list[dict[str, Any]] = [{"type": "cpu"}]
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        properties = torch.cuda.get_device_properties(index)
+        devices.append(
+            {
+                "type": "cuda",
+                "index": index,
+                "name": properties.name,
+                "memory_gib": round(properties.total_memory / 2**30, 1),
+            }
+        )
+    if torch.backends.mps.is_available():
+        devices.append({"type": "mps"})
+    return devices
+
+
+def parameter_counts(config: Any) -> dict[str, int]:
+    """Parameters of the tower, projector and language model, counted on the meta device."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, FAMILIES[config.model_type])(config)
+    inner = model.model
+
+    def count(module: Any) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    quantizable = sum(
+        m.weight.numel() for m in inner.language_model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    rows = sum(m.weight.shape[0] for m in inner.language_model.modules() if isinstance(m, torch.nn.Linear))
+    counts = {
+        "vision_tower": count(inner.vision_tower),
+        "projector": count(inner.multi_modal_projector)
+        + (inner.image_newline.numel() if hasattr(inner, "image_newline") else 0),
+        "language_model": count(inner.language_model) + count(model.lm_head),
+        "total": count(model),
+        "quantizable": quantizable,
+        "quantizable_rows": rows,
+    }
+    return counts
+
+
+def weight_memory(counts: dict[str, int]) -> dict[str, int]:
+    """Expected bytes of weights in half precision, with 8-bit and with 4-bit language models."""
+    rest = counts["total"] - counts["quantizable"]
+    return {
+        "none": counts["total"] * HALF_BYTES,
+        "8bit": rest * HALF_BYTES + counts["quantizable"] + counts["quantizable_rows"] * 4,
+        "4bit": rest * HALF_BYTES + round(counts["quantizable"] * NF4_BYTES_PER_WEIGHT),
+    }
+
+
+def _tower_section(options: ModelOptions, llava_config: Any, load: bool) -> tuple[dict[str, Any], Any]:
+    if options.uses_original_tower:
+        return {"id": "original", "fits": True, "problems": [], "fingerprint": None}, llava_config
+    tower = read_tower_config(options.vision_tower, options.tower_revision)
+    problems = fit_problems(llava_config, tower.config)
+    section: dict[str, Any] = {
+        "id": options.vision_tower,
+        "revision": options.tower_revision,
+        "commit": resolved_commit(options.vision_tower, options.tower_revision),
+        "fits": not problems,
+        "problems": problems,
+        "fits_hint": None if not problems else fitting_tower_hint(llava_config),
+        "shape": {
+            k: getattr(tower.config, k)
+            for k in ("hidden_size", "image_size", "patch_size", "num_hidden_layers")
+        },
+        "fingerprint": None,
+    }
+    try:
+        files = resolve_weight_files(options.vision_tower, options.tower_revision, local_only=not load)
+        section["fingerprint"] = tower_fingerprint(tower, files)
+    except ModelLoadError as exc:
+        section["fingerprint_note"] = (
+            f"not computed: {exc} (weights are read only when on disk, or with --load)"
+        )
+    if problems:
+        return section, llava_config
+    merged = llava_config.__class__.from_dict(llava_config.to_dict())
+    merged.vision_config = tower.config
+    return section, merged
+
+
+def describe(options: ModelOptions, preset: str | None = None, load: bool = False) -> dict[str, Any]:
+    """Everything ``safellava info`` reports, as a JSON-ready dict."""
+    config = read_llava_config(options)
+    processor = load_processor(options)
+    tower, counted_config = _tower_section(options, config, load)
+    counts = parameter_counts(counted_config)
+    report: dict[str, Any] = {
+        "preset": preset,
+        "model": {
+            "id": options.model,
+            "revision": options.revision,
+            "commit": resolved_commit(options.model, options.revision),
+            "family": config.model_type,
+            "language_model": config.text_config.model_type,
+            "chat_template": bool(getattr(processor, "chat_template", None)),
+            "prompt_format": detect_format(config, processor.tokenizer)
+            if options.prompt_format == "auto"
+            else options.prompt_format,
+            "vision_feature_layer": config.vision_feature_layer,
+        },
+        "vision_tower": tower,
+        "parameters": {k: v for k, v in counts.items() if not k.startswith("quantizable")},
+        "weight_memory_bytes": weight_memory(counts),
+        "versions": _versions(),
+        "devices": _devices(),
+    }
+    if load:
+        from .loader import load as load_model
+
+        started = time.perf_counter()
+        loaded = load_model(
+            preset,
+            model=options.model,
+            vision_tower=options.vision_tower,
+            revision=options.revision,
+            tower_revision=options.tower_revision,
+            quantize=options.quantize,
+            device=options.device,
+            dtype=options.dtype,
+        )
+        report["loaded"] = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "quantize": options.quantize,
+            "dtype": str(loaded.model.dtype).removeprefix("torch."),
+            "device": loaded.placement.device,
+            "memory_footprint_bytes": loaded.model.get_memory_footprint(),
+        }
+    return report
