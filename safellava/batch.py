@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import GenerationOptions
 from .errors import ImageError, UsageError
-from .generate import build_inputs, generate_captions
+from .generate import BatchSizer, build_inputs, free_accelerator_memory, generate_captions
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .model import SafeLlava
 from .prompts import render_prompt, single_turn
@@ -220,7 +220,7 @@ class BatchCaptioner:
         self.options = options
         self.generation = generation
         self.writer = writer
-        self.batch_size = generation.batch_size  # halves on CUDA out-of-memory, and stays halved
+        self.sizer = BatchSizer(generation.batch_size)  # halves on CUDA out-of-memory, and stays halved
         self.prompt = render_prompt(
             loaded.processor, single_turn(generation.prompt, generation.system), loaded.prompt_format
         )
@@ -249,7 +249,7 @@ class BatchCaptioner:
     def _batches(self, items: list[Item]) -> Iterator[list[Item]]:
         start = 0
         while start < len(items):
-            chunk = items[start : start + self.batch_size]
+            chunk = items[start : start + self.sizer.size]
             start += len(chunk)
             yield chunk
 
@@ -267,27 +267,28 @@ class BatchCaptioner:
             while pending:
                 yield pending.popleft().result()
 
-    def _caption(self, images: list[Any], inputs: Any = None) -> list[str | None]:
-        """Captions for a batch (None for an image that does not fit in memory even alone)."""
+    def _generate(self, images: list[Any], inputs: Any = None) -> list[str]:
+        """One ``generate`` call; inputs are built here when no worker prepared them."""
+        if inputs is None:
+            inputs = build_inputs(self.loaded.processor, images, [self.prompt] * len(images), "cpu", None)
+        model = self.loaded.model
+        return generate_captions(
+            model, self.loaded.processor, inputs.to(model.device, dtype=model.dtype), self.generation
+        )
+
+    def _caption(self, images: list[Any], inputs: Any) -> list[str | None]:
+        """Captions for a prepared batch; None for an image that does not fit in memory even alone."""
         import torch
 
-        model = self.loaded.model
         try:
-            if inputs is None:
-                inputs = build_inputs(self.loaded.processor, images, [self.prompt] * len(images), "cpu", None)
-            inputs = inputs.to(model.device, dtype=model.dtype)
-            return generate_captions(model, self.loaded.processor, inputs, self.generation)
+            return self._generate(images, inputs)
         except torch.OutOfMemoryError:
             del inputs
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(images) == 1:
-                return [None]
-            self.batch_size = max(1, (min(self.batch_size, len(images)) + 1) // 2)  # halves, rounding up
-            captions: list[str | None] = []
-            for start in range(0, len(images), self.batch_size):
-                captions += self._caption(images[start : start + self.batch_size])
-            return captions
+            free_accelerator_memory()
+        if len(images) == 1:
+            return [None]
+        self.sizer.shrink(len(images))
+        return self.sizer.run(images, self._generate, alone=lambda image: None)
 
     def run(self, plan: BatchPlan, on_progress: Callable[[Progress], None] | None = None) -> Progress:
         """Caption ``plan.todo``, writing captions and failures after every batch."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import GenerationOptions
 from .errors import SafeLlavaError, UsageError
-from .generate import StreamingAnswer, build_inputs, stream_answer
+from .generate import StreamingAnswer, build_inputs
 from .images import ImageSource, describe, load_image
 from .model import SafeLlava
 from .prompts import Turn, render_prompt
@@ -59,21 +59,17 @@ class ChatSession:
         new = Turn("user", question, image=self.image is not None and first_user)
         return [*system, *self.turns, new]
 
-    def _prompt_tokens(self, prompt: str) -> int:
-        images = [self.image] if self.image is not None else []
-        loaded = self.loaded
-        inputs = build_inputs(loaded.processor, images, [prompt], "cpu", None)
-        return int(inputs["input_ids"].shape[1])
-
-    def _fit_context(self, question: str) -> str:
-        """The prompt for ``question``, dropping the oldest exchanges (never the image turn) to fit."""
+    def _fit_context(self, question: str) -> Any:
+        """Model inputs for ``question``, dropping the oldest exchanges (never the image turn) to fit."""
         budget = self.context_tokens - self.options.max_new_tokens
+        images = [self.image] if self.image is not None else []
         while True:
             prompt = render_prompt(
                 self.loaded.processor, self._conversation(question), self.loaded.prompt_format
             )
-            if self._prompt_tokens(prompt) <= budget:
-                return prompt
+            inputs = build_inputs(self.loaded.processor, images, [prompt], "cpu", None)
+            if inputs["input_ids"].shape[1] <= budget:
+                return inputs
             # Keep the first exchange (it carries the image); drop the next oldest one.
             keep = 2 if self.turns and self.turns[0].image else 0
             if len(self.turns) <= keep:
@@ -88,15 +84,15 @@ class ChatSession:
         """Start answering ``question``; the exchange joins the history once the answer ends."""
         if not question.strip():
             raise UsageError("empty question")
-        prompt = self._fit_context(question)
+        inputs = self._fit_context(question)
         user = self._conversation(question)[-1]
 
         def record(answer_text: str) -> None:
             self.turns.extend([user, Turn("assistant", answer_text)])
 
-        return stream_answer(
-            self.loaded.model, self.loaded.processor, prompt, self.image, self.options, on_finish=record
-        )
+        model = self.loaded.model
+        inputs = inputs.to(model.device, dtype=model.dtype)
+        return StreamingAnswer(model, self.loaded.processor, inputs, self.options, on_finish=record)
 
     def transcript(self) -> dict[str, Any]:
         """Everything needed to read the conversation back: model, tower, image and turns."""

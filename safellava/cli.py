@@ -218,17 +218,22 @@ def load_model(args: argparse.Namespace) -> Any:
     logs.configure(args.verbose)
     if args.vision_tower == ORIGINAL_TOWER:
         _say("using the checkpoint's original CLIP vision tower, not Safe-CLIP (--vision-tower original)")
-    return load(
-        args.preset,
-        model=args.model,
-        vision_tower=args.vision_tower,
-        revision=args.revision,
-        tower_revision=args.tower_revision,
-        quantize=args.quantize,
-        device=args.device,
-        dtype=args.dtype,
-        prompt_format=args.prompt_format,
+    return load(args.preset, **model_overrides(args))
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags, by ``ModelOptions`` field name (None where not given)."""
+    names = (
+        "model",
+        "vision_tower",
+        "revision",
+        "tower_revision",
+        "quantize",
+        "device",
+        "dtype",
+        "prompt_format",
     )
+    return {name: getattr(args, name) for name in names}
 
 
 def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -557,17 +562,7 @@ def run_info(args: argparse.Namespace) -> int:
     from .loader import resolve_options
 
     logs.configure(args.verbose)
-    options, _, preset = resolve_options(
-        args.preset,
-        model=args.model,
-        vision_tower=args.vision_tower,
-        revision=args.revision,
-        tower_revision=args.tower_revision,
-        quantize=args.quantize,
-        device=args.device,
-        dtype=args.dtype,
-        prompt_format=args.prompt_format,
-    )
+    options, _, preset = resolve_options(args.preset, **model_overrides(args))
     report = describe(options, preset=preset, load=args.load)
     print(json.dumps(report, indent=2) if args.json else _info_text(report))
     return EXIT_OK

@@ -15,7 +15,7 @@ from . import __version__
 from .errors import UsageError
 from .model import SafeLlava
 from .vision import read_tower_config, tower_fingerprint
-from .weights import resolve_weight_files
+from .weights import resolve_weight_files, resolved_commit
 
 SAFE_CLIP_PAPER = "https://arxiv.org/abs/2311.16254"
 SAFE_CLIP_LICENSE = "cc-by-nc-4.0"
@@ -29,17 +29,6 @@ def check_target(out_dir: Path, force: bool) -> None:
         raise UsageError(f"{out_dir} is not empty: choose another folder or pass --force to replace it")
     if not out_dir.parent.is_dir():
         raise UsageError(f"cannot export to {out_dir}: folder {out_dir.parent} does not exist")
-
-
-def resolved_commit(repo: str, revision: str | None, filename: str = "config.json") -> str | None:
-    """The commit a hub checkpoint resolved to (from its cache path), or None for a local folder."""
-    from transformers.utils import cached_file
-
-    if Path(repo).is_dir():
-        return None
-    path = cached_file(repo, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
-    match = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", str(path or ""))
-    return match.group(1) if match else None
 
 
 def _base_license(repo: str, revision: str | None) -> str | None:

@@ -67,14 +67,30 @@ def generate_captions(model: Any, processor: Any, inputs: Any, options: Generati
     return decode_new_tokens(processor, output, inputs["input_ids"].shape[1])
 
 
+def free_accelerator_memory() -> None:
+    """Return cached CUDA blocks after an out-of-memory error, so a smaller retry can fit."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class BatchSizer:
     """Batch size that halves on CUDA out-of-memory and stays reduced for the rest of the run."""
 
     def __init__(self, batch_size: int):
         self.size = batch_size
 
-    def run(self, items: Sequence[Any], step: Any) -> list[Any]:
-        """Apply ``step`` to consecutive batches of ``items``, retrying smaller batches on OOM."""
+    def shrink(self, failed: int) -> None:
+        """Halve (rounding up) the size below that of a batch of ``failed`` items that ran out of memory."""
+        self.size = max(1, (min(self.size, failed) + 1) // 2)
+
+    def run(self, items: Sequence[Any], step: Any, alone: Callable[[Any], Any] | None = None) -> list[Any]:
+        """Apply ``step`` to consecutive batches of ``items``, retrying smaller batches on OOM.
+
+        An item that runs out of memory on its own gets ``alone(item)`` as its result; without
+        ``alone`` that stops the run with a ``SafeLlavaError``.
+        """
         import torch
 
         results: list[Any] = []
@@ -84,15 +100,16 @@ class BatchSizer:
             try:
                 results.extend(step(chunk))
             except torch.OutOfMemoryError:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if self.size == 1:
+                free_accelerator_memory()
+                if len(chunk) > 1:
+                    self.shrink(len(chunk))
+                    continue
+                if alone is None:
                     raise SafeLlavaError(
                         "out of GPU memory captioning a single image: try --quantize 4bit, "
                         "a smaller model or a lower --max-new-tokens"
                     ) from None
-                self.size = max(1, self.size // 2)
-                continue
+                results.append(alone(chunk[0]))
             start += len(chunk)
         return results
 

@@ -8,11 +8,10 @@ from typing import Any
 
 from .config import ModelOptions
 from .errors import ModelLoadError
-from .export import resolved_commit
 from .loader import FAMILIES, load_processor, read_llava_config
 from .prompts import detect_format
 from .vision import fit_problems, fitting_tower_hint, read_tower_config, tower_fingerprint
-from .weights import resolve_weight_files
+from .weights import resolve_weight_files, resolved_commit
 
 # bitsandbytes storage per quantized weight, in bytes: NF4 packs two per byte plus a double-quantized
 # absmax (8 bit per 64 weights, then fp32 per 256 blocks); LLM.int8 is a byte plus an fp32 scale per row.

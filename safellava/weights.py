@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -75,3 +76,12 @@ def open_lazy_state_dict(files: list[Path]) -> Iterator[dict[str, Any]]:
             except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
                 raise ModelLoadError(f"cannot read weights {file}: {exc}") from None
         yield state
+
+
+def resolved_commit(repo: str, revision: str | None, filename: str = "config.json") -> str | None:
+    """The commit a hub checkpoint resolved to (from its cache path), or None for a local folder."""
+    if Path(repo).is_dir():
+        return None
+    path = _hub_file(repo, filename, revision)
+    match = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", str(path or ""))
+    return match.group(1) if match else None

@@ -262,7 +262,7 @@ def test_out_of_memory_halves_the_batch_and_isolates_a_single_image(safe_llava, 
     captioner = BatchCaptioner(safe_llava, options, safe_llava.generation_options(batch_size=4), writer)
     progress = captioner.run(plan_folder(options, writer))
     assert sizes == [4, 2, 2, 2, 1]  # 4 fails, its halves pass, later batches are formed at 2
-    assert captioner.batch_size == 2
+    assert captioner.sizer.size == 2
     assert (progress.captioned, progress.failed) == (6, 1)
     failure = _jsonl(tmp_path / "out" / "c.errors.jsonl")
     assert failure == [{"image": "6.png", "error": batch_module.OOM_REASON}]

@@ -62,13 +62,13 @@ class Script:
 
 def test_history_is_kept_and_the_image_token_sent_once(safe_llava, images, monkeypatch):
     prompts = []
-    original = chat_module.stream_answer
+    original = chat_module.render_prompt
 
-    def spy(model, processor, prompt, image, options, on_finish=None):
-        prompts.append(prompt)
-        return original(model, processor, prompt, image, options, on_finish)
+    def spy(processor, turns, prompt_format):
+        prompts.append(original(processor, turns, prompt_format))
+        return prompts[-1]
 
-    monkeypatch.setattr(chat_module, "stream_answer", spy)
+    monkeypatch.setattr(chat_module, "render_prompt", spy)
     session = _session(safe_llava, images[0])
     first = _answer(session, "Describe it")
     second = _answer(session, "What colour?")
