@@ -62,6 +62,22 @@ class BatchOptions:
             self.output = Path(self.output)
         if self.format != "txt" and self.output is not None and self.output.is_dir():
             raise UsageError(f"--output {self.output} is a folder: --format {self.format} writes one file")
+        if (
+            self.format == "txt"
+            and self.output is not None
+            and self.output.exists()
+            and not self.output.is_dir()
+        ):
+            raise UsageError(
+                f"--output {self.output} is a file: --format txt writes caption files into a folder"
+            )
+        self.caption_ext = self.caption_ext if self.caption_ext.startswith(".") else f".{self.caption_ext}"
+        bare = self.caption_ext[1:]
+        image_extensions = {e.lower().lstrip(".") for e in (*self.extensions, *DEFAULT_EXTENSIONS)}
+        if not bare or "/" in bare or "\\" in bare or bare.lower() in image_extensions:
+            raise UsageError(
+                f"--caption-ext {self.caption_ext!r}: use a plain extension that is not an image's, such as .txt"
+            )
         index, count = self.shard
         if not 1 <= index <= count:
             raise UsageError(f"shard {index}/{count}: K must be between 1 and N")
@@ -241,6 +257,8 @@ class BatchCaptioner:
                 opened.append(item)
             except ImageError as exc:
                 failures.append((item, exc.reason))
+            except Exception as exc:
+                failures.append((item, f"cannot be read ({type(exc).__name__}: {exc})"))
         inputs = None
         if images:
             inputs = build_inputs(self._processor(), images, [self.prompt] * len(images), "cpu", None)

@@ -18,6 +18,7 @@ from .config import (
     PROMPT_FORMATS,
     QUANTIZE_CHOICES,
     available_presets,
+    resolve_options,
 )
 from .errors import SafeLlavaError, UsageError
 
@@ -29,6 +30,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
     return value
 
 
@@ -76,7 +84,7 @@ def _generation_arguments(batched: bool = True) -> argparse.ArgumentParser:
         "--temperature", type=_non_negative_float, help="0 (default) is greedy; above 0 samples"
     )
     group.add_argument("--top-p", type=float, help="nucleus sampling mass, when sampling")
-    group.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    group.add_argument("--seed", type=_seed, help="random seed, for reproducible sampling")
     if batched:
         group.add_argument("--batch-size", type=_positive_int, help="images per generate call")
     return parser
@@ -215,8 +223,10 @@ def load_model(args: argparse.Namespace) -> Any:
     from . import logs
     from .loader import load
 
+    # Flags and preset are checked before minutes of loading, and the preset may choose the tower.
+    options, _, _ = resolve_options(args.preset, **model_overrides(args), **generation_overrides(args))
     logs.configure(args.verbose)
-    if args.vision_tower == ORIGINAL_TOWER:
+    if options.uses_original_tower:
         _say("using the checkpoint's original CLIP vision tower, not Safe-CLIP (--vision-tower original)")
     return load(args.preset, **model_overrides(args))
 
@@ -248,7 +258,7 @@ def open_images(sources: Sequence[str]) -> tuple[list[tuple[str, Any]], int]:
     from .images import load_image
 
     if sources.count("-") > 1:
-        raise SafeLlavaError("'-' (stdin) can be given only once")
+        raise UsageError("'-' (stdin) can be given only once")
     opened, failures = [], 0
     for source in sources:
         try:
@@ -342,6 +352,8 @@ def _read_prompt_file(path: str) -> str:
         prompt = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise UsageError(f"--prompt-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompt-file {path} is not UTF-8 text") from None
     if not prompt:
         raise UsageError(f"--prompt-file {path} is empty")
     return prompt
@@ -451,7 +463,7 @@ def run_compare(args: argparse.Namespace) -> int:
     """``safellava compare``: each image's caption through the safe tower and the original one."""
     from .compare import TowerComparer
 
-    if args.vision_tower == ORIGINAL_TOWER:
+    if resolve_options(args.preset, **model_overrides(args))[0].uses_original_tower:
         raise UsageError("compare sets the safe tower against the original one: give a safe --vision-tower")
     opened, failures = open_images(args.images)
     if not opened:
@@ -492,7 +504,8 @@ def run_export(args: argparse.Namespace) -> int:
             f"cannot export a {args.quantize}-quantized model: export in float16 or bfloat16 and "
             "quantize when loading the export (--quantize works on it too)"
         )
-    check_target(Path(args.out_dir).absolute(), args.force)
+    options, _, _ = resolve_options(args.preset, **model_overrides(args))
+    check_target(Path(args.out_dir).absolute(), args.force, (options.model, options.vision_tower))
     args.dtype = args.dtype or "float16"
     model = load_model(args)
     target = export(model, args.out_dir, force=args.force)
@@ -559,7 +572,6 @@ def run_info(args: argparse.Namespace) -> int:
     """``safellava info``: resolved checkpoints, tower fit, sizes, versions and devices."""
     from . import logs
     from .info import describe
-    from .loader import resolve_options
 
     logs.configure(args.verbose)
     options, _, preset = resolve_options(args.preset, **model_overrides(args))
@@ -627,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "preset"):  # a model command: check preset and flags before any work
+            resolve_options(args.preset, **model_overrides(args), **generation_overrides(args))
         return args.handler(args)
     except SafeLlavaError as exc:
         if args.verbose:

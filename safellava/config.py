@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ class GenerationOptions:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise UsageError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
 
 
 @dataclass
@@ -60,8 +64,8 @@ class ModelOptions:
         _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
-        base = self.device.split(":", 1)[0]
-        if base not in DEVICE_CHOICES or (":" in self.device and base != "cuda"):
+        base, _, index = self.device.partition(":")
+        if base not in DEVICE_CHOICES or (":" in self.device and (base != "cuda" or not index.isdigit())):
             raise UsageError(
                 f"unknown device {self.device!r}: use one of {', '.join(DEVICE_CHOICES)} or cuda:N"
             )
@@ -116,10 +120,38 @@ def _from_mapping(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _fits_type(value, hints[key]):
+            raise UsageError(f"{where}: {key} must be {_type_name(hints[key])}, got {value!r}")
     try:
         return cls(**data)
     except TypeError as exc:
         raise UsageError(f"{where}: {exc}") from None
+
+
+def _fits_type(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's type: str, int, float (ints too) or optional ones."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return any(isinstance(value, t) for t in allowed if t is not type(None))
+
+
+def _type_name(hint: Any) -> str:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    names = {
+        str: "text",
+        int: "a whole number",
+        float: "a number",
+        bool: "true or false",
+        type(None): "empty",
+    }
+    return " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in allowed)
 
 
 def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
@@ -149,3 +181,25 @@ def override(options: Any, **changes: Any) -> Any:
     if unknown:
         raise UsageError(f"unknown option {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})
+
+
+def resolve_options(
+    preset: str | Preset | None = None, **overrides: Any
+) -> tuple[ModelOptions, GenerationOptions, str | None]:
+    """A preset with the given overrides: model options, generation defaults and the preset's name.
+
+    Giving ``model`` without a preset means another checkpoint than the default preset's: then no
+    preset is named and the prompt format is detected rather than assumed.
+    """
+    chosen = preset if isinstance(preset, Preset) else load_preset(preset or DEFAULT_PRESET)
+    model_fields = {f for f in ModelOptions.__dataclass_fields__}
+    model_overrides = {k: v for k, v in overrides.items() if k in model_fields}
+    generation_overrides = {k: v for k, v in overrides.items() if k not in model_fields}
+    preset_name: str | None = chosen.name
+    if model_overrides.get("model") is not None and preset is None:
+        preset_name = None
+        if model_overrides.get("prompt_format") is None:
+            model_overrides["prompt_format"] = "auto"
+    options: ModelOptions = override(chosen.model, **model_overrides)
+    generation_options: GenerationOptions = override(chosen.generation, **generation_overrides)
+    return options, generation_options, preset_name

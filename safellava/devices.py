@@ -26,6 +26,8 @@ def resolve_placement(device: str, dtype: str, quantize: str) -> Placement:
         device = "cuda" if cuda else "cpu"
     if device.startswith("cuda") and not cuda:
         raise UsageError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    if device.startswith("cuda:") and not int(device.split(":", 1)[1]) < torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: MPS is not available here (use --device cpu)")
     if quantize != "none" and device == "mps":

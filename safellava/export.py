@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -16,13 +15,22 @@ from .errors import UsageError
 from .model import SafeLlava
 from .vision import read_tower_config, tower_fingerprint
 from .weights import resolve_weight_files, resolved_commit
+from .writers import ordinary_mode
 
 SAFE_CLIP_PAPER = "https://arxiv.org/abs/2311.16254"
 SAFE_CLIP_LICENSE = "cc-by-nc-4.0"
 
 
-def check_target(out_dir: Path, force: bool) -> None:
-    """Refuse to replace a non-empty folder (or a file) unless ``force``."""
+def check_target(out_dir: Path, force: bool, sources: tuple[str, ...] = ()) -> None:
+    """Refuse a file, a non-empty folder unless ``force``, and any folder holding a source or the cwd."""
+    resolved = out_dir.resolve()
+    for source in (*sources, "."):
+        source_path = Path(source).expanduser()
+        if source_path.exists() and (
+            resolved == source_path.resolve() or resolved in source_path.resolve().parents
+        ):
+            what = "the current folder" if source == "." else source
+            raise UsageError(f"cannot export to {out_dir}: it holds {what}, which --force would delete")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -111,11 +119,9 @@ both.
 
 def _ordinary_permissions(folder: Path) -> None:
     """Give the staged folder and files the modes a plain mkdir/open would have (mkdtemp's are 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    folder.chmod(ordinary_mode(directory=True))
     for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod(ordinary_mode(directory=path.is_dir()))
 
 
 def export(loaded: SafeLlava, out_dir: str | Path, force: bool = False) -> Path:
@@ -132,7 +138,7 @@ def export(loaded: SafeLlava, out_dir: str | Path, force: bool = False) -> Path:
     if loaded.options.uses_original_tower:
         raise UsageError("export writes the Safe-CLIP model: --vision-tower original has nothing to merge")
     target = Path(out_dir).absolute()
-    check_target(target, force)
+    check_target(target, force, (loaded.options.model, loaded.options.vision_tower))
     dtype = str(loaded.model.dtype).removeprefix("torch.")
     info = provenance(loaded, dtype)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))

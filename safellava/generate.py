@@ -114,6 +114,21 @@ class BatchSizer:
         return results
 
 
+def stop_when_set(event: Any) -> Any:
+    """A stopping criterion that ends generation of the whole batch once ``event`` is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            # On the inputs' device: transformers ORs it with a tensor there (CUDA, MPS).
+            return torch.full(
+                (input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device
+            )
+
+    return StopWhenSet()
+
+
 class StreamingAnswer:
     """Text chunks of one answer as ``generate`` produces them in a background thread.
 
@@ -131,16 +146,9 @@ class StreamingAnswer:
     ):
         import threading
 
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         stop_event = threading.Event()
-
-        class _StopWhenAsked(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                import torch
-
-                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool)
-
         self._stop_event = stop_event
         self._prompt_length = inputs["input_ids"].shape[1]
         self._streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -154,7 +162,7 @@ class StreamingAnswer:
             **inputs,
             **generation_kwargs(options, processor.tokenizer),
             "streamer": self._streamer,
-            "stopping_criteria": StoppingCriteriaList([_StopWhenAsked()]),
+            "stopping_criteria": StoppingCriteriaList([stop_when_set(stop_event)]),
         }
         if options.seed is not None:
             from transformers import set_seed

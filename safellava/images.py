@@ -7,7 +7,6 @@ import io
 import os
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -17,6 +16,7 @@ from .errors import ImageError
 ImageSource = str | os.PathLike | bytes | Image.Image
 
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; bigger files are refused (decompression bombs)
+MAX_ASPECT_RATIO = 50  # thinner images would grow huge when their short side is resized to the model's
 URL_TIMEOUT_S = 30
 
 
@@ -53,24 +53,37 @@ def _read_source(source: str | os.PathLike | bytes, name: str) -> bytes:
         raise ImageError(name, f"cannot read ({exc.strerror or exc})") from None
 
 
+def _allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open images up to ``max_pixels``; our own check (below) is the one that refuses.
+
+    Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` inside ``Image.open``, before any
+    check of ours can run; a limit raised above Pillow's raises Pillow's (process-wide, only upwards).
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageError(name, "empty file")
+    _allow_pixels(max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            pixels = image.width * image.height
-            if pixels > max_pixels:
-                raise ImageError(
-                    name, f"image too large ({image.width}x{image.height} px, limit {max_pixels} pixels)"
-                )
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(name, f"image too large ({width}x{height} px, limit {max_pixels} pixels)")
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ImageError(
+                name,
+                f"extreme aspect ratio ({width}x{height} px, over {MAX_ASPECT_RATIO}:1): "
+                "resizing it for the model would take huge memory",
+            )
+        image.load()
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(name, "not an image file (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageError(name, "image too large (decompression bomb)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(name, f"corrupt or truncated image ({exc})") from None

@@ -6,20 +6,13 @@ import contextlib
 import copy
 from typing import Any
 
-from .config import (
-    DEFAULT_PRESET,
-    GenerationOptions,
-    ModelOptions,
-    Preset,
-    load_preset,
-    override,
-)
+from .config import ModelOptions, Preset, resolve_options
 from .devices import Placement, resolve_placement
 from .errors import ModelLoadError
 from .model import SafeLlava
 from .prompts import detect_format
 from .vision import STOCK_TOWER_KEY, TOWER_PREFIX, check_tower_fits, read_tower_config, tower_state_dict
-from .weights import open_lazy_state_dict, resolve_weight_files
+from .weights import missing_folder, open_lazy_state_dict, resolve_weight_files
 
 # Kept out of bitsandbytes: full module names, because a bare "vision_tower" would not match
 # "model.vision_tower.encoder..." (patterns match a name's start or its end).
@@ -36,6 +29,8 @@ def read_llava_config(options: ModelOptions) -> Any:
     """The LLaVA checkpoint's config, refusing anything that is not LLaVA 1.5 or 1.6."""
     from transformers import AutoConfig
 
+    if missing_folder(options.model):
+        raise ModelLoadError(f"model folder {options.model} does not exist")
     try:
         config = AutoConfig.from_pretrained(options.model, revision=options.revision)
     except (OSError, ValueError) as exc:
@@ -148,28 +143,6 @@ def _load_generation_config(model: Any, options: ModelOptions) -> None:
     # Without a generation_config.json, the defaults derived from the model config stay.
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(options.model, revision=options.revision)
-
-
-def resolve_options(
-    preset: str | Preset | None = None, **overrides: Any
-) -> tuple[ModelOptions, GenerationOptions, str | None]:
-    """A preset with the given overrides: model options, generation defaults and the preset's name.
-
-    Giving ``model`` without a preset means another checkpoint than the default preset's: then no
-    preset is named and the prompt format is detected rather than assumed.
-    """
-    chosen = preset if isinstance(preset, Preset) else load_preset(preset or DEFAULT_PRESET)
-    model_fields = {f for f in ModelOptions.__dataclass_fields__}
-    model_overrides = {k: v for k, v in overrides.items() if k in model_fields}
-    generation_overrides = {k: v for k, v in overrides.items() if k not in model_fields}
-    preset_name: str | None = chosen.name
-    if model_overrides.get("model") is not None and preset is None:
-        preset_name = None
-        if model_overrides.get("prompt_format") is None:
-            model_overrides["prompt_format"] = "auto"
-    options: ModelOptions = override(chosen.model, **model_overrides)
-    generation_options: GenerationOptions = override(chosen.generation, **generation_overrides)
-    return options, generation_options, preset_name
 
 
 def load(

@@ -26,6 +26,6 @@ def configure(verbose: bool) -> None:
     transformers.logging.disable_progress_bar()
     hub_utils.disable_progress_bars()
     hub_utils.logging.set_verbosity_error()  # download retries: the final error is reported once
-    warnings.filterwarnings("ignore", module=r"(transformers|torch|bitsandbytes|accelerate)(\.|$)")
+    warnings.filterwarnings("ignore", module=r"(transformers|torch|bitsandbytes|accelerate|PIL)(\.|$)")
     for name in ("bitsandbytes", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

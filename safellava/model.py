@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from .config import GenerationOptions, ModelOptions
+from .config import GenerationOptions, ModelOptions, override
 from .devices import Placement
 from .generate import BatchSizer, StreamingAnswer, caption_batch, stream_answer
 from .images import ImageSource, load_image
@@ -26,6 +26,7 @@ class SafeLlava:
     generation: GenerationOptions = field(default_factory=GenerationOptions)  # defaults
     preset: str | None = None
     _sizer: BatchSizer | None = field(default=None, repr=False)
+    _sizer_for: int = field(default=0, repr=False)  # the batch size _sizer was made for
 
     @property
     def model_id(self) -> str:
@@ -39,7 +40,7 @@ class SafeLlava:
 
     def generation_options(self, **overrides: Any) -> GenerationOptions:
         """The default generation options with the given (non-None) fields replaced."""
-        return replace(self.generation, **{k: v for k, v in overrides.items() if v is not None})
+        return override(self.generation, **overrides)
 
     def record(self) -> dict[str, Any]:
         """The fields that name what produced an output: model, tower, revisions, quantization."""
@@ -53,8 +54,9 @@ class SafeLlava:
 
     def caption_images(self, images: Sequence[Any], options: GenerationOptions) -> list[str]:
         """Captions for already opened RGB images, in batches of ``options.batch_size``."""
-        if self._sizer is None or self._sizer.size > options.batch_size:
-            self._sizer = BatchSizer(options.batch_size)
+        # An out-of-memory cut holds while the same batch size is asked for; a new size starts afresh.
+        if self._sizer is None or self._sizer_for != options.batch_size:
+            self._sizer, self._sizer_for = BatchSizer(options.batch_size), options.batch_size
         return self._sizer.run(
             list(images),
             lambda chunk: caption_batch(self.model, self.processor, chunk, options, self.prompt_format),

@@ -37,7 +37,10 @@ def _argument(text: str) -> str:
     """A command's argument, with shell-style quotes removed when it has them."""
     text = text.strip()
     if text[:1] in ("'", '"'):
-        parts = shlex.split(text)
+        try:
+            parts = shlex.split(text)
+        except ValueError:  # an unclosed quote: take the text as it is
+            return text
         return parts[0] if len(parts) == 1 else text
     return text
 

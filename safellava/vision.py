@@ -31,6 +31,10 @@ def read_tower_config(source: str, revision: str | None = None) -> TowerSpec:
     """Read the vision config of a ``CLIPModel`` or ``CLIPVisionModel`` checkpoint (no weights)."""
     from transformers import AutoConfig
 
+    from .weights import missing_folder
+
+    if missing_folder(source):
+        raise ModelLoadError(f"vision tower folder {source} does not exist")
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:

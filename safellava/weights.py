@@ -85,3 +85,11 @@ def resolved_commit(repo: str, revision: str | None, filename: str = "config.jso
     path = _hub_file(repo, filename, revision)
     match = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", str(path or ""))
     return match.group(1) if match else None
+
+
+def missing_folder(source: str) -> bool:
+    """True when ``source`` is written as a local path (not a hub id) and no such folder exists."""
+    written_as_path = (
+        source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") > 1 or "\\" in source
+    )
+    return written_as_path and not Path(source).expanduser().is_dir()

@@ -8,13 +8,16 @@ cut off, and the records already there tell which images are done.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from .errors import UsageError
 
 RECORD_FIELDS = (
     "image",
@@ -29,11 +32,26 @@ RECORD_FIELDS = (
 )
 
 
+@functools.cache
+def _umask() -> int:
+    # os.umask can only be read by setting it; done once, before any worker thread writes.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(directory: bool = False) -> int:
+    """The mode a plain ``open``/``mkdir`` gives under the process umask (mkstemp/mkdtemp give 0600/0700)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
     target = Path(path)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        mode = target.stat().st_mode & 0o777 if target.exists() else ordinary_mode()
+        os.fchmod(handle, mode)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
@@ -52,15 +70,15 @@ class SidecarWriter:
 
     def __init__(self, root: Path, output: Path | None, caption_ext: str = ".txt"):
         self.root = root
-        self.output = (output or root).resolve()
+        self.output = Path(os.path.abspath(output or root))
         self.caption_ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
 
     def target(self, image: str) -> Path:
         """Where the caption of ``image`` (a path relative to the input folder) goes."""
-        target = (self.output / image).with_suffix(self.caption_ext)
-        if not target.resolve().is_relative_to(self.output):
-            raise ValueError(f"caption path {target} would fall outside {self.output}")
-        return target
+        relative = PurePosixPath(image)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"caption path for {image} would fall outside {self.output}")
+        return (self.output / relative).with_suffix(self.caption_ext)
 
     def is_done(self, image: str) -> bool:
         """True when a non-empty caption file exists for ``image``."""
@@ -92,27 +110,29 @@ class _AppendWriter:
         self.path = path
         self._done: set[str] = set()
         self._file: Any = None
+        self._fresh = False
 
-    def _complete_prefix(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+    def _scan(self, data: bytes) -> tuple[int, list[dict[str, Any]]]:
+        """Bytes of whole records at the start of ``data``, and those records."""
         raise NotImplementedError
 
     def _serialize(self, records: list[dict[str, Any]], new_file: bool) -> str:
         raise NotImplementedError
 
     def reset(self) -> None:
-        """Start the file afresh (``--overwrite``)."""
-        self.path.unlink(missing_ok=True)
+        """Start afresh (``--overwrite``): the file is emptied at the first write, not before."""
+        self._fresh = True
         self._done = set()
 
     def load(self, repair: bool = True) -> None:
         """Read the records already written; ``repair`` cuts off a record left incomplete by a kill."""
         if not self.path.exists():
             return
-        text = self.path.read_text(encoding="utf-8")
-        kept, records = self._complete_prefix(text)
-        if repair and kept != text:
+        data = self.path.read_bytes()
+        kept, records = self._scan(data)
+        if repair and kept != len(data):
             with open(self.path, "r+b") as file:
-                file.truncate(len(kept.encode("utf-8")))
+                file.truncate(kept)
         self._done = {str(record.get("image")) for record in records}
 
     def is_done(self, image: str) -> bool:
@@ -122,12 +142,11 @@ class _AppendWriter:
         records = list(records)
         if not records:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new_file = not self.path.exists() or self.path.stat().st_size == 0
         if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             # Kept open across batches; closed by close().
-            self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
-        self._file.write(self._serialize(records, new_file))
+            self._file = open(self.path, "w" if self._fresh else "a", encoding="utf-8", newline="")  # noqa: SIM115
+        self._file.write(self._serialize(records, new_file=self._file.tell() == 0))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._done.update(record["image"] for record in records)
@@ -138,25 +157,45 @@ class _AppendWriter:
             self._file = None
 
 
+def _not_ours(path: Path, what: str) -> UsageError:
+    return UsageError(
+        f"{path}: {what}, so it is not a safellava output (or it was edited): nothing was changed; "
+        "choose another --output, or fix or move the file"
+    )
+
+
 class JsonlWriter(_AppendWriter):
     """One JSON object per line."""
 
     extension = "jsonl"
 
-    def _complete_prefix(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        records, kept = [], 0
-        for line in text.splitlines(keepends=True):
-            if not line.endswith("\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            kept += len(line)
-        return text[:kept], records
+    def _scan(self, data: bytes) -> tuple[int, list[dict[str, Any]]]:
+        records: list[dict[str, Any]] = []
+        start = kept = 0
+        number = 0
+        while (end := data.find(b"\n", start)) != -1:
+            number += 1
+            line = data[start:end]
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # also bytes that are not UTF-8
+                    record = None
+                if not isinstance(record, dict) or "image" not in record:
+                    if data.find(b"\n", end + 1) == -1:
+                        break  # the last line: a write cut short by a kill
+                    raise _not_ours(self.path, f"line {number} is not a JSON record with an image")
+                records.append(record)
+            start = kept = end + 1
+        return kept, records
 
     def _serialize(self, records: list[dict[str, Any]], new_file: bool) -> str:
-        return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        # \u2028 and \u2029 stay escaped: some readers split lines on them.
+        return (
+            "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            .replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+        )
 
 
 class CsvWriter(_AppendWriter):
@@ -168,19 +207,31 @@ class CsvWriter(_AppendWriter):
         super().__init__(path)
         self.fields = fields
 
-    def _complete_prefix(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        # Cut at newlines, from the end, until what is left parses as whole rows of full width.
-        candidate = text
-        while candidate:
-            if candidate.endswith("\n"):
-                try:
-                    rows = list(csv.reader(io.StringIO(candidate), strict=True))
-                except csv.Error:
-                    rows = None
-                if rows and rows[0] == list(self.fields) and all(len(r) == len(self.fields) for r in rows):
-                    return candidate, [dict(zip(self.fields, r, strict=True)) for r in rows[1:]]
-            candidate = candidate[: candidate.rstrip("\n").rfind("\n") + 1]
-        return "", []
+    def _rows(self, data: bytes) -> list[list[str]] | None:
+        try:
+            return list(csv.reader(io.StringIO(data.decode("utf-8"), newline=""), strict=True))
+        except (UnicodeDecodeError, csv.Error):
+            return None
+
+    def _scan(self, data: bytes) -> tuple[int, list[dict[str, Any]]]:
+        header_end = data.find(b"\n")
+        if header_end == -1:
+            return 0, []  # not even a whole header: the first write was cut short
+        if self._rows(data[: header_end + 1]) != [list(self.fields)]:
+            raise _not_ours(self.path, f"its header is not {','.join(self.fields)}")
+        # Drop lines from the end until what is left parses as whole rows: a record cut short by a
+        # kill can only be at the end, so that is all that is ever dropped.
+        end = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
+        while end > header_end:
+            rows = self._rows(data[:end])
+            if rows is not None:
+                short = [index for index, row in enumerate(rows) if len(row) != len(self.fields)]
+                if not short:
+                    return end, [dict(zip(self.fields, row, strict=True)) for row in rows[1:]]
+                if short != [len(rows) - 1]:
+                    raise _not_ours(self.path, f"row {short[0] + 1} does not have {len(self.fields)} columns")
+            end = data.rfind(b"\n", 0, end - 1) + 1
+        return header_end + 1, []
 
     def _serialize(self, records: list[dict[str, Any]], new_file: bool) -> str:
         buffer = io.StringIO()

@@ -129,7 +129,7 @@ def test_incompatible_tower_exits_2_with_one_line(tiny, images, capsys, tower, m
     ("flags", "message"),
     [
         (["--model", "{safeclip}"], "not LLaVA 1.5 or 1.6"),
-        (["--model", "{missing}"], "cannot load model"),
+        (["--model", "{missing}"], "model folder {missing} does not exist"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--preset", "llava-9"], "unknown preset 'llava-9'"),
     ],
@@ -142,7 +142,7 @@ def test_bad_model_or_option_exits_2_with_one_line(tiny, images, tmp_path, capsy
     assert code == 2
     assert out == ""
     assert len(err.splitlines()) == 1
-    assert message in err
+    assert message.format(**paths) in err
 
 
 @pytest.mark.parametrize(

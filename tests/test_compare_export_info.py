@@ -17,10 +17,10 @@ import safellava
 from safellava import export as export_module
 from safellava.cli import main
 from safellava.compare import TowerComparer
+from safellava.config import resolve_options
 from safellava.errors import UsageError
 from safellava.export import export
 from safellava.info import describe
-from safellava.loader import resolve_options
 
 from .conftest import MAX_NEW_TOKENS
 

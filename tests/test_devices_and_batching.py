@@ -29,9 +29,12 @@ def test_cpu_placements(device, dtype, quantize, expected_device, expected_dtype
 
 def test_auto_picks_cuda_in_half_precision_over_all_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     placement = resolve_placement("auto", "auto", "none")
     assert (placement.device, placement.device_map, placement.dtype) == ("cuda", "auto", torch.float16)
     assert resolve_placement("cuda:1", "auto", "4bit").device_map == {"": "cuda:1"}
+    with pytest.raises(UsageError, match="this machine has 2 CUDA device"):
+        resolve_placement("cuda:2", "auto", "none")
 
 
 def test_auto_falls_back_to_cpu_float32(monkeypatch):

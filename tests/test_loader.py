@@ -138,9 +138,10 @@ def test_incomplete_tower_checkpoint_is_refused(tiny, tmp_path):
     ("kwargs", "message"),
     [
         ({"model": "{safeclip}"}, "is a 'clip' checkpoint, not LLaVA"),
-        ({"model": "{missing}"}, "cannot load model"),
+        ({"model": "{missing}"}, "model folder .* does not exist"),
+        ({"model": "no-such-org/no-such-model"}, "cannot load model no-such-org/no-such-model"),
         ({"vision_tower": "{llava}"}, "is a 'llava' checkpoint, not CLIP"),
-        ({"vision_tower": "{missing}"}, "cannot load vision tower"),
+        ({"vision_tower": "{missing}"}, "vision tower folder .* does not exist"),
     ],
 )
 def test_wrong_or_missing_checkpoints_are_model_load_errors(tiny, tmp_path, kwargs, message):
