@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import time
 from typing import Any
@@ -148,16 +149,7 @@ def describe(options: ModelOptions, preset: str | None = None, load: bool = Fals
         from .loader import load as load_model
 
         started = time.perf_counter()
-        loaded = load_model(
-            preset,
-            model=options.model,
-            vision_tower=options.vision_tower,
-            revision=options.revision,
-            tower_revision=options.tower_revision,
-            quantize=options.quantize,
-            device=options.device,
-            dtype=options.dtype,
-        )
+        loaded = load_model(preset, **dataclasses.asdict(options))
         report["loaded"] = {
             "seconds": round(time.perf_counter() - started, 2),
             "quantize": options.quantize,
