@@ -351,5 +351,4 @@ class BatchCaptioner:
             "caption": f"{self.options.prefix}{caption}{self.options.suffix}",
             "prompt": self.generation.prompt,
             **self.loaded.record(),
-            "preset": self.loaded.preset,
         }

@@ -98,7 +98,6 @@ class ChatSession:
         """Everything needed to read the conversation back: model, tower, image and turns."""
         return {
             **self.loaded.record(),
-            "preset": self.loaded.preset,
             "image": self.image_name,
             "system": self.options.system,
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -273,11 +273,7 @@ def open_images(sources: Sequence[str]) -> tuple[list[tuple[str, Any]], int]:
 
 
 def _stream_to_stdout(answer: Any) -> None:
-    started = False
     for chunk in answer:
-        if not started:
-            chunk = chunk.lstrip()
-            started = bool(chunk)
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -308,7 +304,6 @@ def run_caption(args: argparse.Namespace) -> int:
                     "caption": caption,
                     "prompt": options.prompt,
                     **model.record(),
-                    "preset": model.preset,
                     "generation": {
                         "max_new_tokens": options.max_new_tokens,
                         "temperature": options.temperature,

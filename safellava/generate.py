@@ -79,6 +79,7 @@ class BatchSizer:
     """Batch size that halves on CUDA out-of-memory and stays reduced for the rest of the run."""
 
     def __init__(self, batch_size: int):
+        self.requested = batch_size
         self.size = batch_size
 
     def shrink(self, failed: int) -> None:
@@ -183,7 +184,10 @@ class StreamingAnswer:
             self._streamer.end()
 
     def __iter__(self) -> Iterator[str]:
+        """The answer's text as it comes, without the whitespace it starts with."""
         for chunk in self._streamer:
+            if not self.chunks:
+                chunk = chunk.lstrip()
             if chunk:
                 self.chunks.append(chunk)
                 yield chunk

@@ -26,7 +26,6 @@ class SafeLlava:
     generation: GenerationOptions = field(default_factory=GenerationOptions)  # defaults
     preset: str | None = None
     _sizer: BatchSizer | None = field(default=None, repr=False)
-    _sizer_for: int = field(default=0, repr=False)  # the batch size _sizer was made for
 
     @property
     def model_id(self) -> str:
@@ -43,20 +42,21 @@ class SafeLlava:
         return override(self.generation, **overrides)
 
     def record(self) -> dict[str, Any]:
-        """The fields that name what produced an output: model, tower, revisions, quantization."""
+        """The fields that name what produced an output: model, tower, revisions, quantization, preset."""
         return {
             "model": self.model_id,
             "vision_tower": self.vision_tower,
             "revision": self.options.revision,
             "tower_revision": self.options.tower_revision,
             "quantize": self.options.quantize,
+            "preset": self.preset,
         }
 
     def caption_images(self, images: Sequence[Any], options: GenerationOptions) -> list[str]:
         """Captions for already opened RGB images, in batches of ``options.batch_size``."""
         # An out-of-memory cut holds while the same batch size is asked for; a new size starts afresh.
-        if self._sizer is None or self._sizer_for != options.batch_size:
-            self._sizer, self._sizer_for = BatchSizer(options.batch_size), options.batch_size
+        if self._sizer is None or self._sizer.requested != options.batch_size:
+            self._sizer = BatchSizer(options.batch_size)
         return self._sizer.run(
             list(images),
             lambda chunk: caption_batch(self.model, self.processor, chunk, options, self.prompt_format),

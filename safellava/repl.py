@@ -119,14 +119,9 @@ class ChatLoop:
         except SafeLlavaError as exc:
             self._fail(str(exc))
             return
-        started = False
         try:
             for chunk in answer:
-                if not started:
-                    chunk = chunk.lstrip()
-                    started = bool(chunk)
-                if chunk:
-                    self.io.write(chunk)
+                self.io.write(chunk)
         except KeyboardInterrupt:
             answer.stop()
             self.io.write("\n")
