@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -16,14 +14,13 @@ from typing import Any
 
 from .config import GenerationOptions
 from .errors import ImageError, UsageError
-from .generate import BatchSizer, build_inputs, free_accelerator_memory, generate_captions
+from .generate import OOM_MESSAGE
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .model import SafeLlava
-from .prompts import render_prompt, single_turn
-from .writers import JsonlWriter, SidecarWriter, get_writer
+from .records import CaptionRecord
+from .writers import FORMATS, JsonlWriter, SidecarWriter, Writer, get_writer
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-OOM_REASON = "out of GPU memory even alone: try --quantize 4bit or a lower --max-new-tokens"
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,8 @@ class BatchOptions:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        if self.format not in ("txt", "jsonl", "csv"):
-            raise UsageError(f"unknown format {self.format!r}: use txt, jsonl or csv")
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown format {self.format!r}: use {', '.join(FORMATS)}")
         if self.format != "txt" and self.output is None:
             raise UsageError(f"--format {self.format} needs --output FILE")
         if self.output is not None:
@@ -160,7 +157,7 @@ class BatchPlan:
     refused: list[tuple[Item, str]] = field(default_factory=list)
 
 
-def open_writer(options: BatchOptions, dry_run: bool = False) -> Any:
+def open_writer(options: BatchOptions, dry_run: bool = False) -> Writer:
     """The output writer, with the records already there read (resume) or cleared (overwrite).
 
     A dry run changes nothing on disk.
@@ -173,14 +170,14 @@ def open_writer(options: BatchOptions, dry_run: bool = False) -> Any:
     return writer
 
 
-def plan_folder(options: BatchOptions, writer: Any) -> BatchPlan:
+def plan_folder(options: BatchOptions, writer: Writer) -> BatchPlan:
     """Discover, shard and split the images of a folder (what ``--dry-run`` shows)."""
     items = discover(options.root, options.recursive, options.extensions)
     items = [item for item in items if in_shard(item.name, options.shard)]
     return plan_batch(items, writer, options.overwrite)
 
 
-def plan_batch(items: list[Item], writer: Any, overwrite: bool) -> BatchPlan:
+def plan_batch(items: list[Item], writer: Writer, overwrite: bool) -> BatchPlan:
     """Split the images into to-do and already captioned; refuse caption-file name clashes."""
     plan = BatchPlan()
     claimed: dict[Path, str] = {}
@@ -231,22 +228,16 @@ class Prepared:
 class BatchCaptioner:
     """Captions a folder with one loaded model: prefetching batches, writing as it goes."""
 
-    def __init__(self, loaded: SafeLlava, options: BatchOptions, generation: GenerationOptions, writer: Any):
+    def __init__(
+        self, loaded: SafeLlava, options: BatchOptions, generation: GenerationOptions, writer: Writer
+    ):
         self.loaded = loaded
+        self.engine = loaded.engine
         self.options = options
         self.generation = generation
         self.writer = writer
-        self.sizer = BatchSizer(generation.batch_size)  # halves on CUDA out-of-memory, and stays halved
-        self.prompt = render_prompt(
-            loaded.processor, single_turn(generation.prompt, generation.system), loaded.prompt_format
-        )
-        self._local = threading.local()
-
-    def _processor(self) -> Any:
-        if getattr(self._local, "processor", None) is None:
-            # A private copy per thread: a shared tokenizer is not safe across threads.
-            self._local.processor = copy.deepcopy(self.loaded.processor)
-        return self._local.processor
+        self.sizer = self.engine.sizer(generation.batch_size)  # halves on out-of-memory, and stays halved
+        self.prompt = self.engine.caption_prompt(generation)
 
     def prepare(self, items: list[Item]) -> Prepared:
         """Open the images and build the model inputs (runs in a worker thread)."""
@@ -259,9 +250,7 @@ class BatchCaptioner:
                 failures.append((item, exc.reason))
             except Exception as exc:
                 failures.append((item, f"cannot be read ({type(exc).__name__}: {exc})"))
-        inputs = None
-        if images:
-            inputs = build_inputs(self._processor(), images, [self.prompt] * len(images), "cpu", None)
+        inputs = self.engine.prepare(images, [self.prompt] * len(images)) if images else None
         return Prepared(opened, images, inputs, failures)
 
     def _batches(self, items: list[Item]) -> Iterator[list[Item]]:
@@ -285,29 +274,6 @@ class BatchCaptioner:
             while pending:
                 yield pending.popleft().result()
 
-    def _generate(self, images: list[Any], inputs: Any = None) -> list[str]:
-        """One ``generate`` call; inputs are built here when no worker prepared them."""
-        if inputs is None:
-            inputs = build_inputs(self.loaded.processor, images, [self.prompt] * len(images), "cpu", None)
-        model = self.loaded.model
-        return generate_captions(
-            model, self.loaded.processor, inputs.to(model.device, dtype=model.dtype), self.generation
-        )
-
-    def _caption(self, images: list[Any], inputs: Any) -> list[str | None]:
-        """Captions for a prepared batch; None for an image that does not fit in memory even alone."""
-        import torch
-
-        try:
-            return self._generate(images, inputs)
-        except torch.OutOfMemoryError:
-            del inputs
-            free_accelerator_memory()
-        if len(images) == 1:
-            return [None]
-        self.sizer.shrink(len(images))
-        return self.sizer.run(images, self._generate, alone=lambda image: None)
-
     def run(self, plan: BatchPlan, on_progress: Callable[[Progress], None] | None = None) -> Progress:
         """Caption ``plan.todo``, writing captions and failures after every batch."""
         errors = JsonlWriter(self.options.errors_path)
@@ -326,10 +292,10 @@ class BatchCaptioner:
                 failures = list(prepared.failures)
                 records = []
                 if prepared.images:
-                    captions = self._caption(prepared.images, prepared.inputs)
+                    captions = self.engine.caption(prepared.images, self.generation, prepared.inputs)
                     for item, caption in zip(prepared.items, captions, strict=True):
                         if caption is None:
-                            failures.append((item, OOM_REASON))
+                            failures.append((item, OOM_MESSAGE))
                         else:
                             records.append(self._record(item, caption))
                 self.writer.write(records)
@@ -345,10 +311,6 @@ class BatchCaptioner:
         progress.seconds = time.perf_counter() - started
         return progress
 
-    def _record(self, item: Item, caption: str) -> dict[str, Any]:
-        return {
-            "image": item.name,
-            "caption": f"{self.options.prefix}{caption}{self.options.suffix}",
-            "prompt": self.generation.prompt,
-            **self.loaded.record(),
-        }
+    def _record(self, item: Item, caption: str) -> CaptionRecord:
+        caption = f"{self.options.prefix}{caption}{self.options.suffix}"
+        return self.loaded.record(item.name, caption, self.generation)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .config import GenerationOptions
 from .errors import SafeLlavaError, UsageError
-from .generate import StreamingAnswer, build_inputs
-from .images import ImageSource, describe, load_image
+from .generate import StreamingAnswer
+from .images import ImageSource, load_image, source_name
 from .model import SafeLlava
-from .prompts import Turn, render_prompt
+from .prompts import Turn
 from .writers import atomic_write_text
 
 
@@ -45,7 +45,7 @@ class ChatSession:
     def set_image(self, source: ImageSource, name: str | None = None) -> None:
         """Open a new image (``ImageError`` if it cannot be read) and start a new conversation."""
         self.image = load_image(source)
-        self.image_name = name or describe(source)
+        self.image_name = name or source_name(source)
         self.reset()
 
     def reset(self) -> None:
@@ -64,10 +64,8 @@ class ChatSession:
         budget = self.context_tokens - self.options.max_new_tokens
         images = [self.image] if self.image is not None else []
         while True:
-            prompt = render_prompt(
-                self.loaded.processor, self._conversation(question), self.loaded.prompt_format
-            )
-            inputs = build_inputs(self.loaded.processor, images, [prompt], "cpu", None)
+            prompt = self.loaded.engine.render(self._conversation(question))
+            inputs = self.loaded.engine.prepare(images, [prompt])
             if inputs["input_ids"].shape[1] <= budget:
                 return inputs
             # Keep the first exchange (it carries the image); drop the next oldest one.
@@ -90,14 +88,12 @@ class ChatSession:
         def record(answer_text: str) -> None:
             self.turns.extend([user, Turn("assistant", answer_text)])
 
-        model = self.loaded.model
-        inputs = inputs.to(model.device, dtype=model.dtype)
-        return StreamingAnswer(model, self.loaded.processor, inputs, self.options, on_finish=record)
+        return self.loaded.engine.stream(inputs, self.options, on_finish=record)
 
     def transcript(self) -> dict[str, Any]:
         """Everything needed to read the conversation back: model, tower, image and turns."""
         return {
-            **self.loaded.record(),
+            **asdict(self.loaded.provenance),
             "image": self.image_name,
             "system": self.options.system,
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,9 +1,15 @@
-"""Write a merged checkpoint: the LLaVA with the Safe-CLIP weights in its tower, loadable anywhere."""
+"""Write a merged checkpoint: the LLaVA with the Safe-CLIP weights in its tower, in the llava-hf hub layout.
+
+Serving engines (vLLM, TGI, SGLang) are written against the llava-hf hub checkpoints, so the weights
+are written under exactly those names (``vision_tower.vision_model.*``, ``multi_modal_projector.*``,
+``language_model.model.*``, ``language_model.lm_head.*``, NeXT's ``image_newline``), in safetensors
+shards with an index past the shard size, beside the config, the processor (``processor_config.json``
+and ``preprocessor_config.json``), the chat template, a model card and ``safellava.json``.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -11,14 +17,29 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .config import ModelOptions
 from .errors import UsageError
 from .model import SafeLlava
-from .vision import read_tower_config, tower_fingerprint
-from .weights import resolve_weight_files, resolved_commit
+from .weights import resolved_commit
 from .writers import ordinary_mode
 
 SAFE_CLIP_PAPER = "https://arxiv.org/abs/2311.16254"
 SAFE_CLIP_LICENSE = "cc-by-nc-4.0"
+DEFAULT_DTYPE = "float16"  # as the llava-hf checkpoints ship
+MAX_SHARD_SIZE = "5GB"  # as the llava-hf checkpoints are sharded
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PROVENANCE_FILE = "safellava.json"
+
+
+def check_exportable(options: ModelOptions) -> None:
+    """Refuse setups that have nothing to merge or cannot be written in full precision."""
+    if options.quantize != "none":
+        raise UsageError(
+            f"cannot export a {options.quantize}-quantized model: export in float16 or bfloat16 "
+            "and quantize when loading the export (--quantize works on it too)"
+        )
+    if options.uses_original_tower:
+        raise UsageError("export writes the Safe-CLIP model: --vision-tower original has nothing to merge")
 
 
 def check_target(out_dir: Path, force: bool, sources: tuple[str, ...] = ()) -> None:
@@ -40,25 +61,20 @@ def check_target(out_dir: Path, force: bool, sources: tuple[str, ...] = ()) -> N
 
 
 def _base_license(repo: str, revision: str | None) -> str | None:
-    """The ``license:`` of a checkpoint's model card front matter, where it has one."""
+    """The ``license`` of a checkpoint's model card, where it has one."""
+    from huggingface_hub import ModelCard
     from transformers.utils import cached_file
 
     try:
         card = cached_file(repo, "README.md", revision=revision, _raise_exceptions_for_missing_entries=False)
-    except OSError:
+        return ModelCard.load(card).data.license if card else None
+    except (OSError, ValueError):
         return None
-    if card is None:
-        return None
-    front = Path(card).read_text(encoding="utf-8", errors="replace").split("---")
-    match = re.search(r"^license:\s*(\S+)", front[1] if len(front) > 2 else "", re.MULTILINE)
-    return match.group(1) if match else None
 
 
 def provenance(loaded: SafeLlava, dtype: str) -> dict[str, Any]:
     """What ``safellava.json`` records: sources, revisions, tower fingerprint, versions."""
     options = loaded.options
-    tower = read_tower_config(options.vision_tower, options.tower_revision)
-    files = resolve_weight_files(options.vision_tower, options.tower_revision)
     return {
         "safellava_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -68,53 +84,131 @@ def provenance(loaded: SafeLlava, dtype: str) -> dict[str, Any]:
         "vision_tower": options.vision_tower,
         "tower_revision": options.tower_revision,
         "tower_commit": resolved_commit(options.vision_tower, options.tower_revision),
-        "tower_fingerprint": tower_fingerprint(tower, files),
-        "family": loaded.family,
+        "tower_fingerprint": loaded.tower_fingerprint,
+        "family": loaded.family.name,
         "prompt_format": loaded.prompt_format,
         "dtype": dtype,
     }
 
 
-def model_card(info: dict[str, Any], base_license: str | None) -> str:
-    """README.md for the exported folder: what it is, where it comes from, under which licences."""
-    base = info["model"]
-    tower = info["vision_tower"]
-    license_line = f"`{base_license}`" if base_license else "see the base model's card"
-    return f"""---
-license: other
-license_name: {SAFE_CLIP_LICENSE}-and-base-model-license
-base_model:
-- {base}
-- {tower}
-tags:
-- llava
-- safe-clip
-- image-to-text
+CARD_TEMPLATE = """---
+{{ card_data }}
 ---
 
-# {Path(base).name} with the Safe-CLIP vision tower
+# {{ title }} with the Safe-CLIP vision tower
 
-This is `{base}` with the weights of its CLIP vision tower replaced by those of the Safe-CLIP
-encoder `{tower}` (Poppi et al., *Safe-CLIP: Removing NSFW Concepts from Vision-and-Language
-Models*, ECCV 2024, {SAFE_CLIP_PAPER}), a CLIP fine-tuned so that NSFW visual concepts land in
+This is `{{ base }}` with the weights of its CLIP vision tower replaced by those of the Safe-CLIP
+encoder `{{ tower }}` (Poppi et al., *Safe-CLIP: Removing NSFW Concepts from Vision-and-Language
+Models*, ECCV 2024, {{ paper }}), a CLIP fine-tuned so that NSFW visual concepts land in
 safe regions of the embedding space. Nothing else changed: the projector and the language model are
-the base model's. It was written by safellava {info["safellava_version"]} and loads with plain
-transformers (`{"LlavaNextForConditionalGeneration" if info["family"] == "llava_next" else "LlavaForConditionalGeneration"}`, `AutoProcessor`) or any engine that
-reads transformers checkpoints.
+the base model's. It was written by safellava {{ version }} in the llava-hf layout and loads with
+plain transformers (`{{ model_class }}`, `AutoProcessor`) or any engine that serves llava-hf
+checkpoints (vLLM, TGI, SGLang).
 
 | | |
 |---|---|
-| base LLaVA | `{base}` (revision `{info["revision"] or "default"}`, commit `{info["model_commit"] or "local folder"}`) |
-| vision tower | `{tower}` (revision `{info["tower_revision"] or "default"}`, commit `{info["tower_commit"] or "local folder"}`) |
-| tower fingerprint | `{info["tower_fingerprint"]}` (sha256 of the tower's weights as its checkpoint stores them) |
-| dtype | `{info["dtype"]}` |
+| base LLaVA | `{{ base }}` (revision `{{ revision }}`, commit `{{ model_commit }}`) |
+| vision tower | `{{ tower }}` (revision `{{ tower_revision }}`, commit `{{ tower_commit }}`) |
+| tower fingerprint | `{{ fingerprint }}` (sha256 of the tower's weights as its checkpoint stores them) |
+| dtype | `{{ dtype }}` |
 
 ## Licences
 
 The Safe-CLIP weights are licensed **CC BY-NC 4.0** (non-commercial): this merged model is too.
-The rest of the weights keep the base model's licence: {license_line}. Use of the model must respect
-both.
+The rest of the weights keep the base model's licence: {{ base_license }}. Use of the model must
+respect both.
 """
+
+
+def model_card(info: dict[str, Any], base_license: str | None, model_class: str) -> str:
+    """README.md for the exported folder: what it is, where it comes from, under which licences."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        license="other",
+        license_name=f"{SAFE_CLIP_LICENSE}-and-base-model-license",
+        base_model=[info["model"], info["vision_tower"]],
+        tags=["llava", "safe-clip", "image-to-text"],
+        pipeline_tag="image-text-to-text",
+    )
+    card = ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        title=Path(info["model"]).name,
+        base=info["model"],
+        tower=info["vision_tower"],
+        paper=SAFE_CLIP_PAPER,
+        version=info["safellava_version"],
+        model_class=model_class,
+        revision=info["revision"] or "default",
+        model_commit=info["model_commit"] or "local folder",
+        tower_revision=info["tower_revision"] or "default",
+        tower_commit=info["tower_commit"] or "local folder",
+        fingerprint=info["tower_fingerprint"],
+        dtype=info["dtype"],
+        base_license=f"`{base_license}`" if base_license else "see the base model's card",
+    )
+    return str(card)
+
+
+def hub_state_dict(loaded: SafeLlava) -> dict[str, Any]:
+    """The model's tensors under their llava-hf hub names (not yet cast)."""
+    return {loaded.family.hub_key(key): tensor for key, tensor in loaded.model.state_dict().items()}
+
+
+def write_weights(state: dict[str, Any], folder: Path, dtype: str, max_shard_size: int | str) -> list[str]:
+    """safetensors shards of ``state`` in ``dtype``, with an index when there is more than one; the file names."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    target = getattr(torch, dtype)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        seen: set[int] = set()
+        shard = {}
+        for name in names:
+            tensor = state[name].detach().to("cpu", target).contiguous()
+            if tensor.data_ptr() in seen:  # tied weights: safetensors stores each tensor on its own
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            shard[name] = tensor
+        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {
+            "metadata": {"total_size": _total_bytes(state, target)},
+            "weight_map": split.tensor_to_filename,
+        }
+        (folder / WEIGHTS_INDEX).write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    return sorted(split.filename_to_tensors)
+
+
+def _total_bytes(state: dict[str, Any], dtype: Any) -> int:
+    import torch
+
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(tensor.numel() * size for tensor in state.values())
+
+
+def write_processor(processor: Any, folder: Path) -> None:
+    """The processor as the llava-hf repos ship it: tokenizer, processor and image processor configs, template."""
+    processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, which engines read
+    if getattr(processor, "chat_template", None):
+        (folder / "chat_template.json").write_text(
+            json.dumps({"chat_template": processor.chat_template}, indent=2) + "\n", encoding="utf-8"
+        )
+
+
+def _write_config(loaded: SafeLlava, folder: Path, dtype: str) -> None:
+    config = loaded.model.config.__class__.from_dict(loaded.model.config.to_dict())
+    config.architectures = [loaded.family.model_class]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    loaded.model.generation_config.save_pretrained(folder)
 
 
 def _ordinary_permissions(folder: Path) -> None:
@@ -124,29 +218,34 @@ def _ordinary_permissions(folder: Path) -> None:
         path.chmod(ordinary_mode(directory=path.is_dir()))
 
 
-def export(loaded: SafeLlava, out_dir: str | Path, force: bool = False) -> Path:
-    """Save the merged model, processor, model card and ``safellava.json`` into ``out_dir``.
+def export(
+    loaded: SafeLlava,
+    out_dir: str | Path,
+    force: bool = False,
+    dtype: str = DEFAULT_DTYPE,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+) -> Path:
+    """Save the merged model (in ``dtype``), processor, model card and ``safellava.json`` into ``out_dir``.
 
     Everything is written into a temporary folder beside the target and renamed at the end, so an
     interrupted export leaves no target folder behind.
     """
-    if loaded.options.quantize != "none":
-        raise UsageError(
-            f"cannot export a {loaded.options.quantize}-quantized model: export in float16 or bfloat16 "
-            "and quantize when loading the export (--quantize works on it too)"
-        )
-    if loaded.options.uses_original_tower:
-        raise UsageError("export writes the Safe-CLIP model: --vision-tower original has nothing to merge")
+    check_exportable(loaded.options)
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise UsageError(f"cannot export in {dtype}: use float16, bfloat16 or float32")
     target = Path(out_dir).absolute()
     check_target(target, force, (loaded.options.model, loaded.options.vision_tower))
-    dtype = str(loaded.model.dtype).removeprefix("torch.")
     info = provenance(loaded, dtype)
+    state = hub_state_dict(loaded)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        loaded.model.save_pretrained(staging)
-        loaded.processor.save_pretrained(staging)
-        (staging / "safellava.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        card = model_card(info, _base_license(loaded.options.model, loaded.options.revision))
+        _write_config(loaded, staging, dtype)
+        write_weights(state, staging, dtype, max_shard_size)
+        write_processor(loaded.processor, staging)
+        (staging / PROVENANCE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        card = model_card(
+            info, _base_license(loaded.options.model, loaded.options.revision), loaded.family.model_class
+        )
         (staging / "README.md").write_text(card, encoding="utf-8")
         _ordinary_permissions(staging)
         if target.exists():

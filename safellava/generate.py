@@ -1,16 +1,26 @@
-"""Captions for one or many images: batched ``generate`` calls, halving the batch on GPU OOM."""
+"""The inference engine: conversation -> prompt text -> inputs -> ``generate`` -> text, batched or streamed.
+
+Every use (caption, chat, batch, compare, the server) goes through one ``Engine``, so there is
+one way to build inputs, one way to decode, and one out-of-memory policy: a batch that runs out of
+accelerator memory is halved and retried, the smaller size is kept, and an image that does not fit
+even alone is reported with ``OOM_MESSAGE``.
+"""
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from PIL import Image
-
 from .config import GenerationOptions
-from .errors import SafeLlavaError
-from .prompts import render_prompt, single_turn
+from .errors import OutOfMemoryError
+from .prompts import Turn, render_prompt, single_turn
+
+OOM_MESSAGE = (
+    "out of GPU memory even for one image: try --quantize 4bit, a smaller model or a lower --max-new-tokens"
+)
 
 
 def generation_kwargs(options: GenerationOptions, tokenizer: Any) -> dict[str, Any]:
@@ -26,45 +36,6 @@ def generation_kwargs(options: GenerationOptions, tokenizer: Any) -> dict[str, A
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
-
-
-def build_inputs(
-    processor: Any, images: Sequence[Image.Image], prompts: Sequence[str], device: Any, dtype: Any
-) -> Any:
-    """Tokenize prompts and preprocess images (none: text only) into one left-padded batch."""
-    inputs = processor(images=list(images) or None, text=list(prompts), padding=True, return_tensors="pt")
-    return inputs.to(device, dtype=dtype)
-
-
-def decode_new_tokens(processor: Any, output_ids: Any, prompt_length: int) -> list[str]:
-    """Text of the generated continuation of each sequence, special tokens dropped."""
-    texts = processor.batch_decode(output_ids[:, prompt_length:], skip_special_tokens=True)
-    return [text.strip() for text in texts]
-
-
-def caption_batch(
-    model: Any,
-    processor: Any,
-    images: Sequence[Image.Image],
-    options: GenerationOptions,
-    prompt_format: str,
-) -> list[str]:
-    """Caption a batch of RGB images with one ``generate`` call."""
-    prompt = render_prompt(processor, single_turn(options.prompt, options.system), prompt_format)
-    inputs = build_inputs(processor, images, [prompt] * len(images), model.device, model.dtype)
-    return generate_captions(model, processor, inputs, options)
-
-
-def generate_captions(model: Any, processor: Any, inputs: Any, options: GenerationOptions) -> list[str]:
-    """One ``generate`` call on prepared inputs (on the model's device); the decoded answers."""
-    import torch
-    from transformers import set_seed
-
-    if options.seed is not None:
-        set_seed(options.seed)
-    with torch.inference_mode():
-        output = model.generate(**inputs, **generation_kwargs(options, processor.tokenizer))
-    return decode_new_tokens(processor, output, inputs["input_ids"].shape[1])
 
 
 def free_accelerator_memory() -> None:
@@ -86,11 +57,10 @@ class BatchSizer:
         """Halve (rounding up) the size below that of a batch of ``failed`` items that ran out of memory."""
         self.size = max(1, (min(self.size, failed) + 1) // 2)
 
-    def run(self, items: Sequence[Any], step: Any, alone: Callable[[Any], Any] | None = None) -> list[Any]:
-        """Apply ``step`` to consecutive batches of ``items``, retrying smaller batches on OOM.
+    def run(self, items: Sequence[Any], step: Callable[[Sequence[Any]], list[Any]]) -> list[Any]:
+        """Apply ``step`` to consecutive batches of ``items``, retrying smaller batches on out-of-memory.
 
-        An item that runs out of memory on its own gets ``alone(item)`` as its result; without
-        ``alone`` that stops the run with a ``SafeLlavaError``.
+        An item that runs out of memory on its own gets ``None`` as its result.
         """
         import torch
 
@@ -105,14 +75,110 @@ class BatchSizer:
                 if len(chunk) > 1:
                     self.shrink(len(chunk))
                     continue
-                if alone is None:
-                    raise SafeLlavaError(
-                        "out of GPU memory captioning a single image: try --quantize 4bit, "
-                        "a smaller model or a lower --max-new-tokens"
-                    ) from None
-                results.append(alone(chunk[0]))
+                results.append(None)
             start += len(chunk)
         return results
+
+
+class Engine:
+    """One loaded LLaVA and its processor, turning conversations and images into text."""
+
+    def __init__(self, model: Any, processor: Any, prompt_format: str):
+        self.model = model
+        self.processor = processor
+        self.prompt_format = prompt_format
+        self._sizer: BatchSizer | None = None
+        self._local = threading.local()
+        self._main_thread = threading.get_ident()
+
+    def render(self, turns: Sequence[Turn]) -> str:
+        """The prompt text for a conversation, ending where the assistant's answer begins."""
+        return render_prompt(self.processor, turns, self.prompt_format)
+
+    def caption_prompt(self, options: GenerationOptions) -> str:
+        """The prompt text for captioning one image with ``options.prompt`` (and its system prompt)."""
+        return self.render(single_turn(options.prompt, options.system))
+
+    def _thread_processor(self) -> Any:
+        if threading.get_ident() == self._main_thread:
+            return self.processor
+        if getattr(self._local, "processor", None) is None:
+            # A private copy per thread: a shared tokenizer is not safe across threads.
+            self._local.processor = copy.deepcopy(self.processor)
+        return self._local.processor
+
+    def prepare(self, images: Sequence[Any], prompts: Sequence[str]) -> Any:
+        """Tokenize prompts and preprocess images (none: text only) into one left-padded batch on the CPU.
+
+        Safe to call from worker threads while the model generates.
+        """
+        processor = self._thread_processor()
+        return processor(images=list(images) or None, text=list(prompts), padding=True, return_tensors="pt")
+
+    def _on_device(self, inputs: Any) -> Any:
+        return inputs.to(self.model.device, dtype=self.model.dtype)
+
+    def generate(self, inputs: Any, options: GenerationOptions) -> list[str]:
+        """One ``generate`` call on prepared inputs; the decoded answers, stripped."""
+        import torch
+        from transformers import set_seed
+
+        inputs = self._on_device(inputs)
+        if options.seed is not None:
+            set_seed(options.seed)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **generation_kwargs(options, self.processor.tokenizer))
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def sizer(self, batch_size: int) -> BatchSizer:
+        """The batch sizer for a requested size: an out-of-memory cut holds while the same size is asked for."""
+        if self._sizer is None or self._sizer.requested != batch_size:
+            self._sizer = BatchSizer(batch_size)
+        return self._sizer
+
+    def caption(
+        self, images: Sequence[Any], options: GenerationOptions, prepared: Any = None
+    ) -> list[str | None]:
+        """Captions of RGB images in batches of ``options.batch_size``; ``None`` for one that does not fit alone.
+
+        ``prepared`` holds the inputs of exactly ``images`` when a worker built them beforehand.
+        """
+        import torch
+
+        sizer = self.sizer(options.batch_size)
+        prompt = self.caption_prompt(options)
+        if prepared is not None:
+            try:
+                return list(self.generate(prepared, options))
+            except torch.OutOfMemoryError:
+                del prepared
+                free_accelerator_memory()
+            if len(images) == 1:
+                return [None]
+            sizer.shrink(len(images))
+        return sizer.run(
+            list(images), lambda chunk: self.generate(self.prepare(chunk, [prompt] * len(chunk)), options)
+        )
+
+    def caption_all(self, images: Sequence[Any], options: GenerationOptions) -> list[str]:
+        """Captions of RGB images; ``OutOfMemoryError`` if one does not fit even alone."""
+        captions = self.caption(images, options)
+        if any(caption is None for caption in captions):
+            raise OutOfMemoryError(OOM_MESSAGE)
+        return [caption for caption in captions if caption is not None]
+
+    def stream(
+        self,
+        inputs: Any,
+        options: GenerationOptions,
+        on_finish: Callable[[str], None] | None = None,
+    ) -> StreamingAnswer:
+        """Start generating one answer from prepared inputs, streamed chunk by chunk.
+
+        ``on_finish`` receives the answer's text once, when it ends or is stopped.
+        """
+        return StreamingAnswer(self.model, self.processor, self._on_device(inputs), options, on_finish)
 
 
 def stop_when_set(event: Any) -> Any:
@@ -134,7 +200,7 @@ class StreamingAnswer:
     """Text chunks of one answer as ``generate`` produces them in a background thread.
 
     Iterate to receive the chunks; ``stop()`` ends generation early (Ctrl-C). Afterwards ``text``
-    holds what was generated and ``num_tokens``/``tokens_per_second`` how fast it came.
+    holds what was generated, ``num_tokens`` how many tokens and ``seconds`` how long it took.
     """
 
     def __init__(
@@ -145,13 +211,11 @@ class StreamingAnswer:
         options: GenerationOptions,
         on_finish: Callable[[str], None] | None = None,
     ):
-        import threading
-
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         stop_event = threading.Event()
         self._stop_event = stop_event
-        self._prompt_length = inputs["input_ids"].shape[1]
+        self.prompt_tokens = int(inputs["input_ids"].shape[1])
         self._streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._error: BaseException | None = None
         self._output: Any = None
@@ -210,9 +274,8 @@ class StreamingAnswer:
 
             error, self._error = self._error, None
             if isinstance(error, torch.OutOfMemoryError):
-                raise SafeLlavaError(
-                    "out of GPU memory: try --quantize 4bit or a lower --max-new-tokens"
-                ) from None
+                free_accelerator_memory()
+                raise OutOfMemoryError(OOM_MESSAGE) from None
             raise error
 
     @property
@@ -223,26 +286,4 @@ class StreamingAnswer:
     @property
     def num_tokens(self) -> int:
         """Number of tokens generated (known once generation has ended)."""
-        return 0 if self._output is None else int(self._output.shape[1] - self._prompt_length)
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generation speed, from the start of ``generate`` to its end."""
-        return self.num_tokens / self.seconds if self.seconds else 0.0
-
-
-def stream_answer(
-    model: Any,
-    processor: Any,
-    prompt: str,
-    image: Image.Image | None,
-    options: GenerationOptions,
-    on_finish: Callable[[str], None] | None = None,
-) -> StreamingAnswer:
-    """Start generating an answer to a prompt (with or without an image), streamed chunk by chunk.
-
-    ``on_finish`` receives the answer's text once, when it ends or is stopped.
-    """
-    images = [image] if image is not None else []
-    inputs = build_inputs(processor, images, [prompt], model.device, model.dtype)
-    return StreamingAnswer(model, processor, inputs, options, on_finish)
+        return 0 if self._output is None else int(self._output.shape[1] - self.prompt_tokens)

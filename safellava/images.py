@@ -20,7 +20,7 @@ MAX_ASPECT_RATIO = 50  # thinner images would grow huge when their short side is
 URL_TIMEOUT_S = 30
 
 
-def describe(source: ImageSource) -> str:
+def source_name(source: ImageSource) -> str:
     """A short name for an image source, for messages and output records."""
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or "<image>"
@@ -119,7 +119,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image from a path, URL, bytes or PIL image as an upright RGB image."""
-    name = describe(source)
+    name = source_name(source)
     if isinstance(source, Image.Image):
         return to_rgb(source)
     image = _decode(_read_source(source, name), name, max_pixels)

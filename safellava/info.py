@@ -9,8 +9,8 @@ from typing import Any
 
 from .config import ModelOptions
 from .errors import ModelLoadError
-from .loader import FAMILIES, load_processor, read_llava_config
-from .prompts import detect_format
+from .families import Family
+from .loader import load_processor, read_llava_config
 from .vision import fit_problems, fitting_tower_hint, read_tower_config, tower_fingerprint
 from .weights import resolve_weight_files, resolved_commit
 
@@ -49,32 +49,36 @@ def _devices() -> list[dict[str, Any]]:
     return devices
 
 
-def parameter_counts(config: Any) -> dict[str, int]:
+def parameter_counts(config: Any, family: Family) -> dict[str, int]:
     """Parameters of the tower, projector and language model, counted on the meta device."""
     import torch
-    import transformers
 
     with torch.device("meta"):
-        model = getattr(transformers, FAMILIES[config.model_type])(config)
-    inner = model.model
+        model = family.model_type()(config)
+    parts = family.parts(model)
 
-    def count(module: Any) -> int:
-        return sum(p.numel() for p in module.parameters())
+    def count(items: list[Any]) -> int:
+        return sum(
+            item.numel()
+            if isinstance(item, torch.nn.Parameter)
+            else sum(p.numel() for p in item.parameters())
+            for item in items
+        )
 
-    quantizable = sum(
-        m.weight.numel() for m in inner.language_model.modules() if isinstance(m, torch.nn.Linear)
-    )
-    rows = sum(m.weight.shape[0] for m in inner.language_model.modules() if isinstance(m, torch.nn.Linear))
-    counts = {
-        "vision_tower": count(inner.vision_tower),
-        "projector": count(inner.multi_modal_projector)
-        + (inner.image_newline.numel() if hasattr(inner, "image_newline") else 0),
-        "language_model": count(inner.language_model) + count(model.lm_head),
-        "total": count(model),
-        "quantizable": quantizable,
-        "quantizable_rows": rows,
+    skipped = {family.tower_prefix, *(f"{name}." for name in family.not_quantized)}
+    quantized = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(f"{name}.".startswith(s) for s in skipped)
+    ]
+    return {
+        "vision_tower": count(parts["vision_tower"]),
+        "projector": count(parts["projector"]),
+        "language_model": count(parts["language_model"]),
+        "total": sum(p.numel() for p in model.parameters()),
+        "quantizable": sum(m.weight.numel() for m in quantized),
+        "quantizable_rows": sum(m.weight.shape[0] for m in quantized),
     }
-    return counts
 
 
 def weight_memory(counts: dict[str, int]) -> dict[str, int]:
@@ -119,12 +123,12 @@ def _tower_section(options: ModelOptions, llava_config: Any, load: bool) -> tupl
     return section, merged
 
 
-def describe(options: ModelOptions, preset: str | None = None, load: bool = False) -> dict[str, Any]:
+def setup_report(options: ModelOptions, preset: str | None = None, load: bool = False) -> dict[str, Any]:
     """Everything ``safellava info`` reports, as a JSON-ready dict."""
-    config = read_llava_config(options)
+    config, family = read_llava_config(options)
     processor = load_processor(options)
     tower, counted_config = _tower_section(options, config, load)
-    counts = parameter_counts(counted_config)
+    counts = parameter_counts(counted_config, family)
     report: dict[str, Any] = {
         "preset": preset,
         "model": {
@@ -134,7 +138,7 @@ def describe(options: ModelOptions, preset: str | None = None, load: bool = Fals
             "family": config.model_type,
             "language_model": config.text_config.model_type,
             "chat_template": bool(getattr(processor, "chat_template", None)),
-            "prompt_format": detect_format(config, processor.tokenizer)
+            "prompt_format": family.default_format(config, processor.tokenizer)
             if options.prompt_format == "auto"
             else options.prompt_format,
             "vision_feature_layer": config.vision_feature_layer,

@@ -1,16 +1,18 @@
-"""The loaded model: LLaVA with its vision tower, the processor, and what produced them."""
+"""The loaded model: LLaVA with its vision tower, the processor, its engine, and what produced them."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import GenerationOptions, ModelOptions, override
 from .devices import Placement
-from .generate import BatchSizer, StreamingAnswer, caption_batch, stream_answer
+from .families import Family
+from .generate import Engine, StreamingAnswer
 from .images import ImageSource, load_image
-from .prompts import render_prompt, single_turn
+from .records import CaptionRecord, GenerationSettings, Provenance
 
 
 @dataclass
@@ -21,11 +23,14 @@ class SafeLlava:
     processor: Any
     options: ModelOptions  # what was asked for: checkpoints, revisions, quantization
     placement: Placement  # where it runs and in which dtype
-    family: str  # "llava" (1.5) or "llava_next" (1.6)
+    family: Family  # LLaVA-1.5 or LLaVA-NeXT: class, tower, layout
     prompt_format: str  # built-in format used when the checkpoint has no chat template
     generation: GenerationOptions = field(default_factory=GenerationOptions)  # defaults
     preset: str | None = None
-    _sizer: BatchSizer | None = field(default=None, repr=False)
+    engine: Engine = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(self.model, self.processor, self.prompt_format)
 
     @property
     def model_id(self) -> str:
@@ -41,26 +46,46 @@ class SafeLlava:
         """The default generation options with the given (non-None) fields replaced."""
         return override(self.generation, **overrides)
 
-    def record(self) -> dict[str, Any]:
-        """The fields that name what produced an output: model, tower, revisions, quantization, preset."""
-        return {
-            "model": self.model_id,
-            "vision_tower": self.vision_tower,
-            "revision": self.options.revision,
-            "tower_revision": self.options.tower_revision,
-            "quantize": self.options.quantize,
-            "preset": self.preset,
-        }
+    @functools.cached_property
+    def tower_fingerprint(self) -> str:
+        """sha256 of the running tower's weights as its checkpoint stores them (computed once, cached on disk)."""
+        from .vision import read_tower_config, stock_tower_fingerprint, tower_fingerprint
+        from .weights import resolve_weight_files
+
+        options = self.options
+        if options.uses_original_tower:
+            files = resolve_weight_files(options.model, options.revision)
+            return stock_tower_fingerprint(self.family.stock_tower_key, files)
+        tower = read_tower_config(options.vision_tower, options.tower_revision)
+        return tower_fingerprint(tower, resolve_weight_files(options.vision_tower, options.tower_revision))
+
+    @functools.cached_property
+    def provenance(self) -> Provenance:
+        """What produced this model's outputs: checkpoints, revisions, quantization, preset, tower fingerprint."""
+        return Provenance(
+            model=self.model_id,
+            vision_tower=self.vision_tower,
+            revision=self.options.revision,
+            tower_revision=self.options.tower_revision,
+            quantize=self.options.quantize,
+            preset=self.preset,
+            tower_fingerprint=self.tower_fingerprint,
+            prompt_format=self.prompt_format,
+        )
+
+    def record(self, image: str, caption: str, options: GenerationOptions) -> CaptionRecord:
+        """The record of one caption made with ``options``."""
+        return CaptionRecord(
+            image=image,
+            caption=caption,
+            prompt=options.prompt,
+            provenance=self.provenance,
+            generation=GenerationSettings.of(options),
+        )
 
     def caption_images(self, images: Sequence[Any], options: GenerationOptions) -> list[str]:
         """Captions for already opened RGB images, in batches of ``options.batch_size``."""
-        # An out-of-memory cut holds while the same batch size is asked for; a new size starts afresh.
-        if self._sizer is None or self._sizer.requested != options.batch_size:
-            self._sizer = BatchSizer(options.batch_size)
-        return self._sizer.run(
-            list(images),
-            lambda chunk: caption_batch(self.model, self.processor, chunk, options, self.prompt_format),
-        )
+        return self.engine.caption_all(list(images), options)
 
     def caption(
         self,
@@ -78,5 +103,5 @@ class SafeLlava:
     def stream(self, image: ImageSource, prompt: str | None = None, **generation: Any) -> StreamingAnswer:
         """Caption one image, yielding the text as it is generated."""
         options = self.generation_options(prompt=prompt, **generation)
-        text = render_prompt(self.processor, single_turn(options.prompt, options.system), self.prompt_format)
-        return stream_answer(self.model, self.processor, text, load_image(image), options)
+        inputs = self.engine.prepare([load_image(image)], [self.engine.caption_prompt(options)])
+        return self.engine.stream(inputs, options)

@@ -98,15 +98,6 @@ def format_builtin(turns: Sequence[Turn], prompt_format: str) -> str:
     raise UsageError(f"unknown prompt format {prompt_format!r}")
 
 
-def detect_format(config: Any, tokenizer: Any) -> str:
-    """The built-in format that fits a LLaVA checkpoint, from its config and tokenizer."""
-    if "<|im_start|>" in tokenizer.get_vocab():
-        return "chatml"
-    if getattr(config.text_config, "model_type", "") == "mistral":
-        return "mistral"
-    return "vicuna" if config.model_type == "llava_next" else "llava"
-
-
 def render_prompt(processor: Any, turns: Sequence[Turn], prompt_format: str) -> str:
     """Prompt text for ``turns``: the processor's chat template where it has one, else built-in."""
     if getattr(processor, "chat_template", None):

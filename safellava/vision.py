@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import SAFE_CLIP_336
-from .errors import IncompatibleTowerError, ModelLoadError
+from .errors import IncompatibleTowerError, ModelLoadError, first_line
 
-TOWER_PREFIX = "model.vision_tower."
-# Stock tower keys in a LLaVA checkpoint, in the legacy and the transformers-5 layouts.
-STOCK_TOWER_KEY = re.compile(r"^(model\.)?vision_tower\.")
 _VISION_HALF = "vision_model."
 _TOP_LEVEL_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 _SAFE_CLIP_SHAPE = {"hidden_size": 1024, "image_size": 336, "patch_size": 14}
@@ -23,7 +21,6 @@ class TowerSpec:
     """A vision tower checkpoint, resolved: where it is and its vision config."""
 
     source: str  # hub id or folder
-    revision: str | None
     config: Any  # transformers CLIPVisionConfig
 
 
@@ -38,8 +35,7 @@ def read_tower_config(source: str, revision: str | None = None) -> TowerSpec:
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load vision tower {source}: {first}") from None
+        raise ModelLoadError(f"cannot load vision tower {source}: {first_line(exc)}") from None
     if config.model_type == "clip":
         vision = config.vision_config
     elif config.model_type == "clip_vision_model":
@@ -49,7 +45,7 @@ def read_tower_config(source: str, revision: str | None = None) -> TowerSpec:
             f"vision tower {source} is a {config.model_type!r} checkpoint, not CLIP: "
             f"use a CLIP ViT checkpoint such as {SAFE_CLIP_336}"
         )
-    return TowerSpec(source=source, revision=revision, config=vision)
+    return TowerSpec(source=source, config=vision)
 
 
 def _feature_layers(llava_config: Any) -> list[int]:
@@ -110,8 +106,8 @@ def expected_tower_keys(tower_config: Any) -> set[str]:
     return set(model.state_dict())
 
 
-def tower_state_dict(checkpoint: dict[str, Any], tower: TowerSpec) -> dict[str, Any]:
-    """The tower's vision weights renamed to LLaVA keys; the text half is left unread."""
+def tower_state_dict(checkpoint: Mapping[str, Any], tower: TowerSpec, prefix: str = "") -> dict[str, Any]:
+    """The tower's vision weights under ``prefix`` + their ``CLIPVisionModel`` names; the text half is left unread."""
     expected = expected_tower_keys(tower.config)
     mapped: dict[str, Any] = {}
     for key, tensor in checkpoint.items():
@@ -122,8 +118,8 @@ def tower_state_dict(checkpoint: dict[str, Any], tower: TowerSpec) -> dict[str, 
         else:
             continue  # text half, projections, logit scale
         if name in expected:
-            mapped[TOWER_PREFIX + name] = tensor
-    missing = sorted(expected - {k[len(TOWER_PREFIX) :] for k in mapped})
+            mapped[prefix + name] = tensor
+    missing = sorted(expected - {k[len(prefix) :] for k in mapped})
     if missing:
         raise ModelLoadError(
             f"vision tower {tower.source} lacks {len(missing)} of its {len(expected)} vision weights "
@@ -132,23 +128,51 @@ def tower_state_dict(checkpoint: dict[str, Any], tower: TowerSpec) -> dict[str, 
     return mapped
 
 
-def tower_fingerprint(tower: TowerSpec, files: list[Any]) -> str:
-    """sha256 over the tower's vision weights as its checkpoint stores them: names, dtypes, shapes, bytes.
+def fingerprint(tensors: Mapping[str, Any]) -> str:
+    """sha256 over named tensors as a checkpoint stores them: names, dtypes, shapes and bytes, by name.
 
-    It names the exact Safe-CLIP weights behind a caption or an export, whatever dtype they ran in.
+    Given a tower's ``CLIPVisionModel`` names, it names the exact weights behind a caption or an
+    export, whatever dtype they ran in.
     """
     import torch
 
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name][...].contiguous()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def tower_fingerprint(tower: TowerSpec, files: list[Path]) -> str:
+    """The fingerprint of a CLIP checkpoint's vision weights (remembered per weight file)."""
+    from .cache import cached_fingerprint
     from .weights import open_lazy_state_dict
 
-    digest = hashlib.sha256()
-    with open_lazy_state_dict(files) as checkpoint:
-        mapped = tower_state_dict(checkpoint, tower)
-        for key in sorted(mapped):
-            tensor = mapped[key][...].contiguous()
-            name = key[len(TOWER_PREFIX) :]
-            digest.update(
-                f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode()
-            )
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"sha256:{digest.hexdigest()}"
+    def compute() -> str:
+        with open_lazy_state_dict(files) as checkpoint:
+            return fingerprint(tower_state_dict(checkpoint, tower))
+
+    return cached_fingerprint(files, "clip-vision", compute)
+
+
+def stock_tower_fingerprint(stock_key: Any, files: list[Path]) -> str:
+    """The fingerprint of a LLaVA checkpoint's own tower (keys matching ``stock_key``), named as a tower's."""
+    from .cache import cached_fingerprint
+    from .weights import open_lazy_state_dict
+
+    def compute() -> str:
+        with open_lazy_state_dict(files) as checkpoint:
+            return fingerprint(stock_tower_tensors(checkpoint, stock_key))
+
+    return cached_fingerprint(files, f"stock-tower {stock_key.pattern}", compute)
+
+
+def stock_tower_tensors(checkpoint: Mapping[str, Any], stock_key: Any) -> dict[str, Any]:
+    """A LLaVA checkpoint's own tower tensors, under their ``CLIPVisionModel`` names."""
+    found = {}
+    for key, value in checkpoint.items():
+        match = stock_key.match(key)
+        if match:
+            found[key[match.end() :]] = value
+    return found

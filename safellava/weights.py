@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 # In order of preference: safetensors (memory-mapped, no code execution), then PyTorch pickles.
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -28,8 +27,7 @@ def _hub_file(repo: str, filename: str, revision: str | None, local_only: bool =
             _raise_exceptions_for_missing_entries=False,
         )
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot fetch {filename} from {repo}: {first}") from None
+        raise ModelLoadError(f"cannot fetch {filename} from {repo}: {first_line(exc)}") from None
 
 
 def resolve_weight_files(repo: str, revision: str | None = None, local_only: bool = False) -> list[Path]:
@@ -74,17 +72,17 @@ def open_lazy_state_dict(files: list[Path]) -> Iterator[dict[str, Any]]:
                 else:
                     state.update(_load_pickle(torch, file))
             except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-                raise ModelLoadError(f"cannot read weights {file}: {exc}") from None
+                raise ModelLoadError(f"cannot read weights {file}: {first_line(exc)}") from None
         yield state
 
 
 def resolved_commit(repo: str, revision: str | None, filename: str = "config.json") -> str | None:
     """The commit a hub checkpoint resolved to (from its cache path), or None for a local folder."""
+    from transformers.utils.hub import extract_commit_hash
+
     if Path(repo).is_dir():
         return None
-    path = _hub_file(repo, filename, revision)
-    match = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", str(path or ""))
-    return match.group(1) if match else None
+    return extract_commit_hash(_hub_file(repo, filename, revision), None)
 
 
 def missing_folder(source: str) -> bool:

@@ -12,24 +12,17 @@ import functools
 import io
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import UsageError
+from .records import CSV_FIELDS, CaptionRecord
 
-RECORD_FIELDS = (
-    "image",
-    "caption",
-    "prompt",
-    "model",
-    "vision_tower",
-    "revision",
-    "tower_revision",
-    "quantize",
-    "preset",
-)
+# The columns of CSV files written before the record gained its generation settings: still resumed.
+LEGACY_CSV_FIELDS = CSV_FIELDS[:9]
 
 
 @functools.cache
@@ -43,6 +36,10 @@ def _umask() -> int:
 def ordinary_mode(directory: bool = False) -> int:
     """The mode a plain ``open``/``mkdir`` gives under the process umask (mkstemp/mkdtemp give 0600/0700)."""
     return (0o777 if directory else 0o666) & ~_umask()
+
+
+# mkstemp's names: the prefix, eight characters from its alphabet, the suffix.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -63,15 +60,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return target
 
 
+class Writer(Protocol):
+    """Where batch records go: it knows which images are done, and takes records a batch at a time."""
+
+    def load(self, repair: bool = True) -> None:
+        """Read what earlier runs wrote (resume); ``repair`` cuts off what a kill left incomplete."""
+
+    def reset(self) -> None:
+        """Start afresh (``--overwrite``)."""
+
+    def is_done(self, image: str) -> bool:
+        """Whether ``image`` (a path relative to the input folder) already has a record."""
+
+    def write(self, records: Iterable[CaptionRecord]) -> None:
+        """Write whole records, durably."""
+
+    def close(self) -> None:
+        """Finish writing."""
+
+
 class SidecarWriter:
     """One caption file per image, beside it or mirrored under an output folder."""
-
-    extension = "txt"
 
     def __init__(self, root: Path, output: Path | None, caption_ext: str = ".txt"):
         self.root = root
         self.output = Path(os.path.abspath(output or root))
         self.caption_ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
+        self._cleaned: set[Path] = set()
+
+    @classmethod
+    def for_batch(cls, root: Path, output: Path | None, caption_ext: str) -> SidecarWriter:
+        """Caption files mirrored under ``output``, or beside the images under ``root``."""
+        return cls(root, output, caption_ext)
 
     def target(self, image: str) -> Path:
         """Where the caption of ``image`` (a path relative to the input folder) goes."""
@@ -91,11 +111,26 @@ class SidecarWriter:
     def load(self, repair: bool = True) -> None:
         """Nothing to read: ``is_done`` looks for each caption file."""
 
-    def write(self, records: Iterable[dict[str, Any]]) -> None:
+    def write(self, records: Iterable[CaptionRecord]) -> None:
         for record in records:
-            target = self.target(record["image"])
+            target = self.target(record.image)
             target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(target, record["caption"] + "\n")
+            self._remove_leftovers(target.parent)
+            atomic_write_text(target, record.caption + "\n")
+
+    def _remove_leftovers(self, folder: Path) -> None:
+        """Remove temporary caption files that a killed run left in ``folder`` (once per folder per run)."""
+        if folder in self._cleaned:
+            return
+        self._cleaned.add(folder)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            match = _TEMPORARY.match(entry.name)
+            if match and match["name"].endswith(self.caption_ext) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Each caption file is complete once written: nothing to close."""
@@ -104,7 +139,7 @@ class SidecarWriter:
 class _AppendWriter:
     """Records appended to one file, a batch per write; ``done`` from the records already there."""
 
-    extension = ""
+    format_name = ""
 
     def __init__(self, path: Path):
         self.path = path
@@ -112,11 +147,18 @@ class _AppendWriter:
         self._file: Any = None
         self._fresh = False
 
+    @classmethod
+    def for_batch(cls, root: Path, output: Path | None, caption_ext: str) -> _AppendWriter:
+        """Records of a folder's images, in the file ``output``."""
+        if output is None:
+            raise UsageError(f"--format {cls.format_name} needs --output FILE")
+        return cls(output)
+
     def _scan(self, data: bytes) -> tuple[int, list[dict[str, Any]]]:
         """Bytes of whole records at the start of ``data``, and those records."""
         raise NotImplementedError
 
-    def _serialize(self, records: list[dict[str, Any]], new_file: bool) -> str:
+    def _serialize(self, records: list[Any], new_file: bool) -> str:
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -138,7 +180,8 @@ class _AppendWriter:
     def is_done(self, image: str) -> bool:
         return image in self._done
 
-    def write(self, records: Iterable[dict[str, Any]]) -> None:
+    def write(self, records: Iterable[Any]) -> None:
+        """Append whole records (``CaptionRecord`` or plain mappings), one write and one fsync."""
         records = list(records)
         if not records:
             return
@@ -149,7 +192,9 @@ class _AppendWriter:
         self._file.write(self._serialize(records, new_file=self._file.tell() == 0))
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._done.update(record["image"] for record in records)
+        self._done.update(
+            record.image if isinstance(record, CaptionRecord) else record["image"] for record in records
+        )
 
     def close(self) -> None:
         if self._file is not None:
@@ -167,7 +212,7 @@ def _not_ours(path: Path, what: str) -> UsageError:
 class JsonlWriter(_AppendWriter):
     """One JSON object per line."""
 
-    extension = "jsonl"
+    format_name = "jsonl"
 
     def _scan(self, data: bytes) -> tuple[int, list[dict[str, Any]]]:
         records: list[dict[str, Any]] = []
@@ -189,23 +234,28 @@ class JsonlWriter(_AppendWriter):
             start = kept = end + 1
         return kept, records
 
-    def _serialize(self, records: list[dict[str, Any]], new_file: bool) -> str:
+    def _serialize(self, records: list[Any], new_file: bool) -> str:
         # \u2028 and \u2029 stay escaped: some readers split lines on them.
         return (
-            "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            "".join(json.dumps(_as_dict(record), ensure_ascii=False) + "\n" for record in records)
             .replace("\u2028", "\\u2028")
             .replace("\u2029", "\\u2029")
         )
 
 
+def _as_dict(record: CaptionRecord | Mapping[str, Any]) -> dict[str, Any]:
+    return record.to_dict() if isinstance(record, CaptionRecord) else dict(record)
+
+
 class CsvWriter(_AppendWriter):
     """A header row, then one row per record; captions with newlines are quoted."""
 
-    extension = "csv"
+    format_name = "csv"
 
-    def __init__(self, path: Path, fields: tuple[str, ...] = RECORD_FIELDS):
+    def __init__(self, path: Path, fields: tuple[str, ...] = CSV_FIELDS):
         super().__init__(path)
         self.fields = fields
+        self._accepted = (fields, LEGACY_CSV_FIELDS) if fields == CSV_FIELDS else (fields,)
 
     def _rows(self, data: bytes) -> list[list[str]] | None:
         try:
@@ -217,8 +267,11 @@ class CsvWriter(_AppendWriter):
         header_end = data.find(b"\n")
         if header_end == -1:
             return 0, []  # not even a whole header: the first write was cut short
-        if self._rows(data[: header_end + 1]) != [list(self.fields)]:
+        header = self._rows(data[: header_end + 1])
+        known = [fields for fields in self._accepted if header == [list(fields)]]
+        if not known:
             raise _not_ours(self.path, f"its header is not {','.join(self.fields)}")
+        self.fields = known[0]  # an older file keeps its columns
         # Drop lines from the end until what is left parses as whole rows: a record cut short by a
         # kill can only be at the end, so that is all that is ever dropped.
         end = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
@@ -233,19 +286,23 @@ class CsvWriter(_AppendWriter):
             end = data.rfind(b"\n", 0, end - 1) + 1
         return header_end + 1, []
 
-    def _serialize(self, records: list[dict[str, Any]], new_file: bool) -> str:
+    def _serialize(self, records: list[Any], new_file: bool) -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.fields, extrasaction="ignore", lineterminator="\n")
         if new_file:
             writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in records)
+        rows = (r.to_row() if isinstance(r, CaptionRecord) else r for r in records)
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
         return buffer.getvalue()
 
 
-def get_writer(fmt: str, root: Path, output: Path | None, caption_ext: str = ".txt") -> Any:
-    """The writer for ``--format txt|jsonl|csv``; jsonl and csv need an output file."""
-    if fmt == "txt":
-        return SidecarWriter(root, output, caption_ext)
-    if output is None:
-        raise ValueError(f"--format {fmt} needs --output FILE")
-    return JsonlWriter(output) if fmt == "jsonl" else CsvWriter(output)
+WRITERS: dict[str, Any] = {"txt": SidecarWriter, "jsonl": JsonlWriter, "csv": CsvWriter}
+FORMATS = tuple(WRITERS)
+
+
+def get_writer(fmt: str, root: Path, output: Path | None, caption_ext: str = ".txt") -> Writer:
+    """The writer registered for ``fmt``: caption files under ``output`` (or beside the images), or one file."""
+    writer = WRITERS.get(fmt)
+    if writer is None:
+        raise UsageError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+    return writer.for_batch(root, output, caption_ext)

@@ -68,22 +68,17 @@ def floor_seconds(loaded, photos: Path, batch_size: int, generation) -> float:
     """Seconds spent in ``generate`` alone on the same batches, preprocessed beforehand."""
     import safellava
     from safellava.batch import discover
-    from safellava.generate import build_inputs, generate_captions
-    from safellava.prompts import render_prompt, single_turn
 
-    prompt = render_prompt(loaded.processor, single_turn(generation.prompt), loaded.prompt_format)
+    engine = loaded.engine
+    prompt = engine.caption_prompt(generation)
     items = discover(photos)
     batches = []
     for start in range(0, len(items), batch_size):
         images = [safellava.load_image(item.path) for item in items[start : start + batch_size]]
-        batches.append(
-            build_inputs(
-                loaded.processor, images, [prompt] * len(images), loaded.model.device, loaded.model.dtype
-            )
-        )
+        batches.append(engine.prepare(images, [prompt] * len(images)))
     started = time.perf_counter()
     for inputs in batches:
-        generate_captions(loaded.model, loaded.processor, inputs, generation)
+        engine.generate(inputs, generation)
     return time.perf_counter() - started
 
 

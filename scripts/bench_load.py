@@ -152,15 +152,14 @@ def generate_speed(llava: Path, safeclip: Path, image: Path, rounds: int) -> tup
 
     import safellava
     from safellava import logs
-    from safellava.generate import build_inputs, generation_kwargs
-    from safellava.prompts import render_prompt, single_turn
+    from safellava.generate import generation_kwargs
 
     logs.configure(verbose=False)
     loaded = safellava.load(model=str(llava), vision_tower=str(safeclip), device="cpu")
     options = loaded.generation_options(prompt="Caption.", max_new_tokens=NEW_TOKENS)
-    prompt = render_prompt(loaded.processor, single_turn(options.prompt), loaded.prompt_format)
-    inputs = build_inputs(
-        loaded.processor, [safellava.load_image(image)], [prompt], loaded.model.device, loaded.model.dtype
+    prompt = loaded.engine.caption_prompt(options)
+    inputs = loaded.engine.prepare([safellava.load_image(image)], [prompt]).to(
+        loaded.model.device, dtype=loaded.model.dtype
     )
     kwargs = generation_kwargs(options, loaded.processor.tokenizer)
     caption_times, bare_times = [], []

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Before transformers is imported anywhere: never reach the Hugging Face hub from a test.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# safellava's own cache (tower fingerprints) goes to a folder of this test run, not the user's.
+os.environ["SAFELLAVA_CACHE"] = tempfile.mkdtemp(prefix="safellava-test-cache-")
 
 import numpy as np
 import pytest
@@ -76,4 +79,17 @@ def safe_next(tiny):
         vision_tower=str(tiny.safeclip),
         device="cpu",
         max_new_tokens=MAX_NEW_TOKENS,
+    )
+
+
+def load_tiny(tiny, family="llava", tower=None, **kwargs):
+    """A tiny checkpoint loaded on the CPU with the Safe-CLIP stand-in (or ``tower``)."""
+    import safellava
+
+    return safellava.load(
+        model=str(getattr(tiny, family)),
+        vision_tower=str(tower or tiny.safeclip),
+        device="cpu",
+        max_new_tokens=MAX_NEW_TOKENS,
+        **kwargs,
     )

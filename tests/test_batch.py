@@ -6,9 +6,9 @@ import csv
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,12 @@ from PIL import Image
 
 from safellava import batch as batch_module
 from safellava.batch import BatchCaptioner, BatchOptions, discover, open_writer, parse_shard, plan_folder
+from safellava.chat import ChatSession
 from safellava.cli import main
 from safellava.errors import UsageError
-from safellava.writers import CsvWriter, JsonlWriter, SidecarWriter
+from safellava.generate import OOM_MESSAGE
+from safellava.records import CaptionRecord
+from safellava.writers import CsvWriter, JsonlWriter, SidecarWriter, ordinary_mode
 
 from .conftest import MAX_NEW_TOKENS
 
@@ -246,17 +249,18 @@ def test_batch_sizes_1_and_4_caption_the_same_images_alike(tiny, dataset, tmp_pa
 def test_out_of_memory_halves_the_batch_and_isolates_a_single_image(safe_llava, tmp_path, monkeypatch):
     for i in range(7):
         Image.fromarray(_noise(50 + i)).save(tmp_path / f"{i}.png")
-    real = batch_module.generate_captions
+    real = safe_llava.engine.generate
     sizes = []
 
-    def tight_memory(model, processor, inputs, options):
+    def tight_memory(inputs, options):
         size = inputs["input_ids"].shape[0]
         sizes.append(size)
         if size > 2 or (size == 1 and sizes.count(1) == 1):
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(model, processor, inputs, options)
+        return real(inputs, options)
 
-    monkeypatch.setattr(batch_module, "generate_captions", tight_memory)
+    monkeypatch.setattr(safe_llava.engine, "generate", tight_memory)
+    monkeypatch.setattr(safe_llava.engine, "_sizer", None)
     options = BatchOptions(root=tmp_path, format="jsonl", output=tmp_path / "out" / "c.jsonl", workers=0)
     writer = open_writer(options)
     captioner = BatchCaptioner(safe_llava, options, safe_llava.generation_options(batch_size=4), writer)
@@ -265,7 +269,7 @@ def test_out_of_memory_halves_the_batch_and_isolates_a_single_image(safe_llava, 
     assert captioner.sizer.size == 2
     assert (progress.captioned, progress.failed) == (6, 1)
     failure = _jsonl(tmp_path / "out" / "c.errors.jsonl")
-    assert failure == [{"image": "6.png", "error": batch_module.OOM_REASON}]
+    assert failure == [{"image": "6.png", "error": OOM_MESSAGE}]
     assert [r["image"] for r in _jsonl(tmp_path / "out" / "c.jsonl")] == [f"{i}.png" for i in range(6)]
 
 
@@ -288,28 +292,199 @@ def test_bad_batch_usage(tiny, dataset, tmp_path, capsys):
     assert code == 2 and "--prompt-file" in err
 
 
-def test_kill_9_midway_then_rerun_leaves_one_complete_record_per_image(tiny, tmp_path):
+# Runs the CLI in a child process that SIGKILLs itself at a chosen moment of its Nth write: the kill
+# lands at exactly the worst place every time, with no timing involved.
+KILLED_RUN = """
+import os, signal, sys
+from safellava import writers
+when, at = sys.argv[1], int(sys.argv[2])
+writes = 0
+
+def kill_during(real):
+    def patched(*args, **kwargs):
+        global writes
+        writes += 1
+        if writes == at:
+            if when == "jsonl":  # half of the batch's bytes reach the disk, then the process dies
+                self, records = args
+                data = self._serialize(list(records), new_file=False).encode()
+                with open(self.path, "ab") as file:
+                    file.write(data[: len(data) // 2])
+                    file.flush()
+                    os.fsync(file.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return patched
+
+if when == "jsonl":
+    real = writers.JsonlWriter.write
+    writers.JsonlWriter.write = lambda self, records: (
+        kill_during(real)(self, records) if self.path.suffix == ".jsonl" and "errors" not in self.path.name
+        else real(self, records)
+    )
+else:  # between a caption's temporary file and its rename
+    writers.os.replace = kill_during(os.replace)
+from safellava.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _killed_then_rerun(tiny, folder, flags, when, at, after_kill=lambda: None):
+    command = [
+        "batch",
+        str(folder),
+        *_model_flags(tiny),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "4",
+        *flags,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, when, str(at), *command], env=env, capture_output=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    after_kill()
+    rerun = subprocess.run(
+        [sys.executable, "-m", "safellava", *command], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    return rerun.stderr
+
+
+def _folder_of(tmp_path, count):
     folder = tmp_path / "many"
     folder.mkdir()
-    names = [f"img{i:03d}.png" for i in range(40)]
+    names = [f"img{i:03d}.png" for i in range(count)]
     for i, name in enumerate(names):
         Image.fromarray(_noise(100 + i)).save(folder / name)
+    return folder, names
+
+
+def test_kill_9_inside_a_jsonl_write_then_rerun_leaves_one_complete_record_per_image(tiny, tmp_path):
+    folder, names = _folder_of(tmp_path, 8)
     output = tmp_path / "many.jsonl"
-    command = [
-        sys.executable, "-m", "safellava", "batch", str(folder), *_model_flags(tiny),
-        "--format", "jsonl", "-o", str(output), "--batch-size", "1", "--max-new-tokens", "48",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if output.exists() and output.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = output.read_text().count("\n")
-    assert 3 <= written < len(names), "the kill did not land mid-run"
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+
+    def torn():
+        assert not output.read_bytes().endswith(b"\n")
+
+    err = _killed_then_rerun(tiny, folder, ["--format", "jsonl", "-o", str(output)], "jsonl", 4, torn)
+    assert "captioned 5, skipped 3 already captioned" in err  # three whole records survived the kill
     lines = output.read_text().splitlines()
     assert sorted(json.loads(line)["image"] for line in lines) == names
+
+
+def test_kill_9_inside_a_caption_file_write_leaves_no_temporary_file_after_the_rerun(tiny, tmp_path):
+    folder, names = _folder_of(tmp_path, 5)
+    out = tmp_path / "captions"
+
+    def leftover():
+        assert [p.name for p in out.glob(".img002.txt.*.tmp")], sorted(p.name for p in out.iterdir())
+
+    _killed_then_rerun(tiny, folder, ["--output", str(out)], "sidecar", 3, leftover)
+    assert sorted(p.name for p in out.iterdir()) == sorted(n.replace(".png", ".txt") for n in names)
+    assert all((out / n.replace(".png", ".txt")).read_text().strip() for n in names)
+
+
+def test_leftover_temporary_files_of_others_are_kept(tmp_path):
+    (tmp_path / ".notes.md.abcd1234.tmp").write_text("not ours: another extension")
+    (tmp_path / ".a.txt.abcd1234.tmp").write_text("ours")
+    (tmp_path / ".a.txt.tmp").write_text("not a name mkstemp makes")
+    writer = SidecarWriter(tmp_path, None)
+    record = CaptionRecord("a.png", "a caption", "p", None, None)
+    writer.write([record])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.txt.tmp", ".notes.md.abcd1234.tmp", "a.txt"]
+
+
+def test_batch_refuses_a_foreign_csv_before_loading_and_keeps_it(tiny, tmp_path, images, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("name,score\nada,3\n")
+    code = main(
+        ["batch", str(images[0].parent), "--format", "csv", "-o", str(other), "--model", "/nonexistent"]
+    )
+    assert code == 2
+    assert "its header is not image,caption" in capsys.readouterr().err
+    assert other.read_text() == "name,score\nada,3\n"
+
+
+def test_overwrite_keeps_the_old_output_until_new_records_exist(tiny, tmp_path, images, capsys):
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text('{"image": "one.png", "caption": "old"}\n')
+    folder = images[0].parent
+    code = main(
+        ["batch", str(folder), "--format", "jsonl", "-o", str(keep), "--overwrite", "--model", "/nonexistent"]
+    )
+    assert code == 2
+    assert keep.read_text() == '{"image": "one.png", "caption": "old"}\n'
+    code = main(
+        ["batch", str(folder), "--format", "jsonl", "-o", str(keep), "--overwrite", *_model_flags(tiny)]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in keep.read_text().splitlines()]
+    assert sorted(r["image"] for r in records) == sorted(p.name for p in images)
+    assert all(r["caption"] != "old" for r in records)
+
+
+def test_caption_files_and_transcripts_get_ordinary_permissions(tiny, tmp_path, images, safe_llava, capsys):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    Image.open(images[0]).save(folder / "a.png")
+    assert main(["batch", str(folder), *_model_flags(tiny), "--max-new-tokens", "4"]) == 0
+    assert stat.S_IMODE((folder / "a.txt").stat().st_mode) == ordinary_mode()
+    session = ChatSession(safe_llava, safe_llava.generation_options())
+    saved = session.save(tmp_path / "talk.json")
+    assert stat.S_IMODE(saved.stat().st_mode) == ordinary_mode()
+
+
+@pytest.mark.parametrize("extension", [".png", "PNG", "", "a/b"])
+def test_caption_extension_must_not_clobber_images(tiny, images, capsys, extension):
+    code = main(
+        ["batch", str(images[0].parent), *_model_flags(tiny), "--caption-ext", extension, "--overwrite"]
+    )
+    assert code == 2
+    assert "--caption-ext" in capsys.readouterr().err
+    assert Image.open(images[0]).size == (64, 48)
+
+
+def test_images_under_a_symlinked_subfolder_are_captioned(tiny, tmp_path, images, capsys):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.open(images[0]).save(outside / "b.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(outside)
+    assert main(["batch", str(root), "-r", *_model_flags(tiny), "--max-new-tokens", "4"]) == 0
+    assert (outside / "b.txt").read_text().strip()
+
+
+def test_an_unexpected_decoder_error_fails_one_image_not_the_run(tiny, tmp_path, images, monkeypatch, capsys):
+
+    real = batch_module.load_image
+
+    def flaky(path, max_pixels):
+        if path.name == "two.jpg":
+            raise MemoryError("decoder ran out")
+        return real(path, max_pixels)
+
+    monkeypatch.setattr(batch_module, "load_image", flaky)
+    output = tmp_path / "c.jsonl"
+    code = main(["batch", str(images[0].parent), "--format", "jsonl", "-o", str(output), *_model_flags(tiny)])
+    assert code == 1
+    assert len(output.read_text().splitlines()) == 2
+    errors = [json.loads(line) for line in (tmp_path / "c.errors.jsonl").read_text().splitlines()]
+    assert errors == [{"image": "two.jpg", "error": "cannot be read (MemoryError: decoder ran out)"}]
+
+
+def test_prompt_file_that_is_not_text(tiny, tmp_path, images, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"\xff\xfe\x00bad")
+    assert main(["batch", str(images[0].parent), *_model_flags(tiny), "--prompt-file", str(prompt)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_txt_output_that_is_a_file(tiny, tmp_path, images, capsys):
+    target = tmp_path / "captions.txt"
+    target.write_text("")
+    assert main(["batch", str(images[0].parent), *_model_flags(tiny), "--output", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err

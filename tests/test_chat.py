@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from safellava import chat as chat_module
 from safellava.chat import ChatSession, ContextOverflowError
 from safellava.cli import main
 from safellava.repl import HELP, TRIMMED_NOTICE, ChatIO, ChatLoop
@@ -62,13 +61,13 @@ class Script:
 
 def test_history_is_kept_and_the_image_token_sent_once(safe_llava, images, monkeypatch):
     prompts = []
-    original = chat_module.render_prompt
+    original = safe_llava.engine.render
 
-    def spy(processor, turns, prompt_format):
-        prompts.append(original(processor, turns, prompt_format))
+    def spy(turns):
+        prompts.append(original(turns))
         return prompts[-1]
 
-    monkeypatch.setattr(chat_module, "render_prompt", spy)
+    monkeypatch.setattr(safe_llava.engine, "render", spy)
     session = _session(safe_llava, images[0])
     first = _answer(session, "Describe it")
     second = _answer(session, "What colour?")
@@ -206,6 +205,23 @@ def test_piped_chat_prints_just_the_answers(tiny, images, safe_llava, monkeypatc
     assert err == ""
 
 
+def test_a_failed_command_fails_a_piped_script_but_not_a_terminal_session(tiny, images, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/imgae typo.png\n"))
+    assert main(["chat", str(images[0]), *_cli(tiny)]) == 1
+    assert "unknown command /imgae" in capsys.readouterr().err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    lines = ["/imgae typo.png", "/quit"]
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("builtins.input", lambda prompt: lines.pop(0))
+    assert main(["chat", str(images[0]), *_cli(tiny)]) == 0
+    err = capsys.readouterr().err
+    assert "unknown command /imgae" in err and "/help for commands" in err
+
+
 def test_chat_with_an_unreadable_image_exits_1(tiny, tmp_path, capsys):
     code = main(["chat", str(tmp_path / "gone.png"), *_cli(tiny)])
     assert code == 1
@@ -222,3 +238,15 @@ def test_caption_stream_takes_one_image(tiny, images, capsys):
     code = main(["caption", str(images[0]), str(images[1]), *_cli(tiny), "--stream"])
     assert code == 2
     assert "--stream takes one image" in capsys.readouterr().err
+
+
+def test_an_unclosed_quote_in_a_chat_command_keeps_the_chat_going(safe_llava, images):
+    lines = ['/image "unclosed', "hello"]
+    out, errors = [], []
+    io_ = ChatIO(
+        lambda prompt: lines.pop(0) if lines else None, out.append, errors.append, lambda m: None, False
+    )
+    session = ChatSession(safe_llava, safe_llava.generation_options(max_new_tokens=MAX_NEW_TOKENS))
+    assert ChatLoop(session, io_).run() == 1
+    assert errors == ['"unclosed: no such file']
+    assert "".join(out).endswith("\n") and len(session.turns) == 2

@@ -178,3 +178,38 @@ def test_installed_command_is_quiet(tiny, images, safe_llava):
     assert result.stderr == ""
     assert len(result.stdout.splitlines()) == 1
     assert result.stdout.strip()
+
+
+def test_a_preset_that_picks_the_original_tower_is_announced(tiny, tmp_path, images, capsys):
+    preset = tmp_path / "stock.yaml"
+    preset.write_text(f"model: {tiny.llava}\nvision_tower: original\ndevice: cpu\n")
+    assert main(["caption", str(images[0]), "--preset", str(preset), "--max-new-tokens", "4"]) == 0
+    assert "original CLIP vision tower, not Safe-CLIP" in capsys.readouterr().err
+    assert main(["compare", str(images[0]), "--preset", str(preset)]) == 2
+    assert "give a safe --vision-tower" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["caption", "x.png", "--seed", "-1"],
+        ["caption", "x.png", "--seed", str(2**32)],
+    ],
+)
+def test_out_of_range_seed_is_a_flag_error(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert "must be between 0 and 2**32 - 1" in capsys.readouterr().err
+
+
+def test_stdin_twice_is_bad_usage(tiny, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert main(["caption", "-", "-", *_models(tiny)]) == 2
+    assert "can be given only once" in capsys.readouterr().err
+
+
+def test_generation_flags_are_checked_before_the_model_loads(images, capsys):
+    code = main(["caption", str(images[0]), "--model", "/nonexistent", "--top-p", "0"])
+    assert code == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

@@ -97,3 +97,29 @@ def test_override_skips_none_and_validates():
     assert override(base, device="cuda:1").device == "cuda:1"
     with pytest.raises(UsageError, match="batch_size must be at least 1"):
         override(GenerationOptions(), batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: [1]\n", "model must be text, got \\[1\\]"),
+        ("device: 5\n", "device must be text, got 5"),
+        ("generation:\n  max_new_tokens: many\n", "max_new_tokens must be a whole number"),
+        ("generation:\n  temperature: true\n", "temperature must be a number"),
+        ("revision: null\ngeneration:\n  seed: 3\n  temperature: 1\n", None),
+    ],
+)
+def test_preset_values_of_the_wrong_type(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    if message is None:
+        preset = load_preset(str(path))
+        assert (preset.generation.seed, preset.generation.temperature) == (3, 1)
+        return
+    with pytest.raises(UsageError, match=message):
+        load_preset(str(path))
+
+
+def test_unknown_library_options_are_usage_errors(safe_llava, images):
+    with pytest.raises(UsageError, match="unknown option bogus"):
+        safe_llava.caption(str(images[0]), bogus=1)

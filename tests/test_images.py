@@ -138,3 +138,22 @@ def test_url_images(http_folder):
     assert load_image(f"{base}/web.png").size == (7, 9)
     with pytest.raises(ImageError, match="cannot download"):
         load_image(f"{base}/absent.png")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_max_pixels_can_be_raised_above_pillows_own_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "big.png"
+    Image.new("1", (60, 60)).save(path)  # 3600 pixels: over twice Pillow's limit
+    with pytest.raises(ImageError, match="too large"):
+        load_image(path, max_pixels=2000)
+    assert load_image(path, max_pixels=5000).size == (60, 60)
+
+
+def test_extreme_aspect_ratios_are_refused(tmp_path):
+    path = tmp_path / "thin.png"
+    Image.new("RGB", (2, 400)).save(path)
+    with pytest.raises(ImageError, match=r"extreme aspect ratio \(2x400 px, over 50:1\)"):
+        load_image(path)
+    Image.new("RGB", (10, 400)).save(path)
+    assert load_image(path).size == (10, 400)

@@ -11,7 +11,7 @@ from transformers import CLIPVisionModel
 import safellava
 from safellava import weights
 from safellava.errors import IncompatibleTowerError, ModelLoadError
-from safellava.vision import STOCK_TOWER_KEY
+from safellava.families import LLAVA
 
 
 def _safeclip_vision(tiny) -> CLIPVisionModel:
@@ -101,7 +101,7 @@ def test_stock_tower_and_text_half_are_never_read(tiny, monkeypatch):
     safellava.load(model=str(tiny.llava), vision_tower=str(tiny.safeclip), device="cpu")
     assert read, "the spy saw no reads"
     assert any(key.startswith("vision_model.") for key in read)
-    assert not [key for key in read if STOCK_TOWER_KEY.match(key)]
+    assert not [key for key in read if LLAVA.stock_tower_key.match(key)]
     assert not [key for key in read if key.startswith(("text_model.", "text_projection", "logit_scale"))]
 
 
@@ -165,8 +165,8 @@ def test_llava_next_gets_image_sizes_and_batches_mixed_shapes(safe_next, images)
 def test_loaded_object_names_what_it_loaded(tiny, safe_llava):
     assert safe_llava.model_id == str(tiny.llava)
     assert safe_llava.vision_tower == str(tiny.safeclip)
-    assert safe_llava.family == "llava"
+    assert safe_llava.family.name == "llava"
     assert safe_llava.preset is None
     assert safe_llava.model.dtype == torch.float32
     assert safe_llava.model.config.name_or_path == str(tiny.llava)
-    assert safe_llava.record()["vision_tower"] == str(tiny.safeclip)
+    assert safe_llava.provenance.vision_tower == str(tiny.safeclip)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from safellava.errors import UsageError
-from safellava.prompts import Turn, detect_format, format_builtin, render_prompt, single_turn
+from safellava.families import LLAVA, LLAVA_NEXT
+from safellava.prompts import Turn, format_builtin, render_prompt, single_turn
 
 Q = "What is happening here?"
 VICUNA_SYSTEM = (
@@ -86,13 +87,13 @@ def test_builtin_format_used_without_chat_template(safe_llava, monkeypatch):
 
 
 def test_detect_format_from_config_and_tokenizer(safe_llava, safe_next):
-    assert detect_format(safe_llava.model.config, safe_llava.processor.tokenizer) == "llava"
-    assert detect_format(safe_next.model.config, safe_next.processor.tokenizer) == "mistral"
+    assert LLAVA.default_format(safe_llava.model.config, safe_llava.processor.tokenizer) == "llava"
+    assert LLAVA_NEXT.default_format(safe_next.model.config, safe_next.processor.tokenizer) == "mistral"
 
     class ChatMLTokenizer:
         def get_vocab(self):
             return {"<|im_start|>": 7}
 
-    assert detect_format(safe_llava.model.config, ChatMLTokenizer()) == "chatml"
+    assert LLAVA_NEXT.default_format(safe_next.model.config, ChatMLTokenizer()) == "chatml"
     vicuna_next = SimpleNamespace(model_type="llava_next", text_config=SimpleNamespace(model_type="llama"))
-    assert detect_format(vicuna_next, safe_llava.processor.tokenizer) == "vicuna"
+    assert LLAVA_NEXT.default_format(vicuna_next, safe_llava.processor.tokenizer) == "vicuna"

@@ -1,14 +1,12 @@
-"""Device/dtype choices, generation settings, and the batch that halves on CUDA out-of-memory."""
+"""Device and dtype choices: CUDA in half precision where present, else the CPU in float32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from safellava.config import GenerationOptions
 from safellava.devices import resolve_placement
-from safellava.errors import SafeLlavaError, UsageError
-from safellava.generate import BatchSizer, generation_kwargs
+from safellava.errors import UsageError
 
 
 @pytest.mark.parametrize(
@@ -61,51 +59,3 @@ def test_mps_is_refused_with_quantization(monkeypatch):
     with pytest.raises(UsageError, match="bitsandbytes has no MPS kernels"):
         resolve_placement("mps", "auto", "4bit")
     assert resolve_placement("mps", "auto", "none").device_map == {"": "mps"}
-
-
-class _Tokenizer:
-    pad_token_id = None
-    eos_token_id = 2
-
-
-def test_greedy_and_sampling_generation_kwargs():
-    greedy = generation_kwargs(GenerationOptions(max_new_tokens=5), _Tokenizer())
-    assert greedy["do_sample"] is False
-    assert greedy["max_new_tokens"] == 5
-    assert greedy["pad_token_id"] == 2
-    sampled = generation_kwargs(GenerationOptions(temperature=0.7, top_p=0.9), _Tokenizer())
-    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"]) == (True, 0.7, 0.9)
-
-
-def test_sampling_with_a_seed_is_reproducible(safe_llava, images):
-    kwargs = {"temperature": 1.5, "seed": 7, "max_new_tokens": 8}
-    first = safe_llava.caption(str(images[0]), **kwargs)
-    assert safe_llava.caption(str(images[0]), **kwargs) == first
-    others = {safe_llava.caption(str(images[0]), **{**kwargs, "seed": s}) for s in range(8, 12)}
-    assert others - {first}, "different seeds never changed the sampled caption"
-
-
-def test_batch_halves_on_out_of_memory_and_stays_reduced():
-    calls: list[int] = []
-
-    def step(chunk):
-        calls.append(len(chunk))
-        if len(chunk) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return [item * 10 for item in chunk]
-
-    sizer = BatchSizer(8)
-    assert sizer.run(list(range(7)), step) == [i * 10 for i in range(7)]
-    assert calls == [7, 4, 2, 2, 2, 1]
-    assert sizer.size == 2
-    calls.clear()
-    assert sizer.run([1, 2, 3], step) == [10, 20, 30]
-    assert calls == [2, 1]
-
-
-def test_out_of_memory_on_a_single_image_is_reported():
-    def step(chunk):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    with pytest.raises(SafeLlavaError, match="out of GPU memory captioning a single image"):
-        BatchSizer(2).run([1, 2], step)

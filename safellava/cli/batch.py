@@ -1,0 +1,174 @@
+"""``safellava batch``: caption a folder, resumable, failures recorded and skipped."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..writers import FORMATS
+from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, print_line, say
+from .options import add_generation, add_model, generation_overrides, positive_int
+
+HELP = "caption every image in a folder (resumable)"
+DESCRIPTION = (
+    "Caption the images of a folder. Images already captioned are skipped, so a rerun after a crash "
+    "continues where it stopped; failures go to an errors file and the run goes on."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The batch command's flags."""
+    add_model(parser)
+    add_generation(parser)
+    parser.add_argument("folder", metavar="FOLDER", help="folder of images")
+    found = parser.add_argument_group("which images")
+    found.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
+    found.add_argument(
+        "--ext",
+        help="comma-separated image extensions, any case (default: jpg,jpeg,png,webp,bmp,gif,tif,tiff)",
+    )
+    found.add_argument("--shard", help="K/N: caption only the K-th of N deterministic parts (1 <= K <= N)")
+    found.add_argument("--max-pixels", type=positive_int, help="refuse larger images (default 64000000)")
+    found.add_argument(
+        "--overwrite", action="store_true", help="recaption images that already have a caption"
+    )
+    found.add_argument("--dry-run", action="store_true", help="list what would be captioned and skipped")
+    out = parser.add_argument_group("output")
+    out.add_argument("--format", choices=FORMATS, default="txt", help="default: txt")
+    out.add_argument(
+        "-o",
+        "--output",
+        help="txt: folder to mirror caption files into (default: beside each image); jsonl/csv: the file",
+    )
+    out.add_argument("--caption-ext", default=".txt", help="extension of txt caption files (default .txt)")
+    out.add_argument("--prefix", default="", help="text put before each caption")
+    out.add_argument("--suffix", default="", help="text put after each caption")
+    out.add_argument("--prompt-file", help="read the prompt from this file")
+    out.add_argument(
+        "--errors",
+        help="JSON Lines file of failures (default: safellava-errors.jsonl in the output folder, "
+        "or OUTPUT's name with .errors.jsonl for jsonl/csv)",
+    )
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--workers", type=int, default=2, help="threads decoding images ahead (default 2)")
+    speed.add_argument(
+        "--log-every", type=positive_int, default=100, help="progress line every N images, off a terminal"
+    )
+
+
+def _batch_options(args: argparse.Namespace) -> Any:
+    from ..batch import DEFAULT_EXTENSIONS, BatchOptions, parse_shard
+    from ..images import DEFAULT_MAX_PIXELS
+
+    extensions = (
+        tuple(e.strip() for e in args.ext.split(",") if e.strip()) if args.ext else DEFAULT_EXTENSIONS
+    )
+    return BatchOptions(
+        root=args.folder,
+        recursive=args.recursive,
+        extensions=extensions,
+        format=args.format,
+        output=args.output,
+        caption_ext=args.caption_ext,
+        prefix=args.prefix,
+        suffix=args.suffix,
+        overwrite=args.overwrite,
+        errors=args.errors,
+        workers=args.workers,
+        shard=parse_shard(args.shard) if args.shard else (1, 1),
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+    )
+
+
+def _read_prompt_file(path: str) -> str:
+    try:
+        prompt = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"--prompt-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompt-file {path} is not UTF-8 text") from None
+    if not prompt:
+        raise UsageError(f"--prompt-file {path} is empty")
+    return prompt
+
+
+class ProgressReport:
+    """A progress bar on a terminal; elsewhere a plain line every N images."""
+
+    def __init__(self, total: int, every: int):
+        self.every = every
+        self.next_line = every
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True)
+        self.shown = 0
+
+    def __call__(self, progress: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(progress.done - self.shown)
+            self.bar.set_postfix(failed=progress.failed, refresh=False)
+        elif progress.done >= self.next_line or progress.done == progress.total:
+            rate = progress.images_per_second
+            left = (progress.total - progress.done) / rate if rate else 0.0
+            say(
+                f"{progress.done}/{progress.total} images, {rate:.2f} images/s, "
+                f"{progress.failed} failed, ETA {left:.0f}s"
+            )
+            while self.next_line <= progress.done:
+                self.next_line += self.every
+        self.shown = progress.done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan the folder, then caption what is left, writing as it goes."""
+    from ..batch import BatchCaptioner, open_writer, plan_folder
+
+    options = _batch_options(args)
+    if args.prompt_file:
+        if args.prompt:
+            raise UsageError("give --prompt or --prompt-file, not both")
+        args.prompt = _read_prompt_file(args.prompt_file)
+    try:
+        writer = open_writer(options, dry_run=args.dry_run)
+    except OSError as exc:
+        raise UsageError(f"cannot read {options.output}: {exc.strerror or exc}") from None
+    plan = plan_folder(options, writer)
+    if args.dry_run:
+        for item in plan.todo:
+            print_line(f"caption\t{item.name}")
+        for item in plan.skipped:
+            print_line(f"skip\t{item.name}")
+        for item, reason in plan.refused:
+            print_line(f"refuse\t{item.name}\t{reason}")
+        say(
+            f"dry run: {len(plan.todo)} to caption, {len(plan.skipped)} already captioned, "
+            f"{len(plan.refused)} refused"
+        )
+        return EXIT_OK
+    if not plan.todo and not plan.refused:
+        say(f"nothing to caption: {len(plan.skipped)} images already captioned (--overwrite redoes them)")
+        return EXIT_OK
+    model = load_model(args)
+    captioner = BatchCaptioner(model, options, model.generation_options(**generation_overrides(args)), writer)
+    report = ProgressReport(len(plan.todo) + len(plan.refused), args.log_every)
+    try:
+        progress = captioner.run(plan, on_progress=report)
+    finally:
+        report.close()
+    say(
+        f"captioned {progress.captioned}, skipped {progress.skipped} already captioned, "
+        f"failed {progress.failed}, in {progress.seconds:.1f}s ({progress.images_per_second:.2f} images/s)"
+    )
+    if progress.failed:
+        say(f"failures are listed in {options.errors_path}; a rerun retries them")
+        return EXIT_SOME_FAILED
+    return EXIT_OK

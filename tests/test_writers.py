@@ -1,0 +1,75 @@
+"""Output files: JSON Lines and CSV resume with odd bytes, foreign files refused, leftovers cleaned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safellava.errors import UsageError
+from safellava.writers import CsvWriter, JsonlWriter
+
+
+def test_jsonl_keeps_records_with_unicode_line_separators(tmp_path):
+    path = tmp_path / "c.jsonl"
+    writer = JsonlWriter(path)
+    writer.write([{"image": "a.png", "caption": "one\u2028two"}, {"image": "b.png", "caption": "x\u2029y"}])
+    writer.close()
+    assert "\u2028" not in path.read_text(encoding="utf-8")  # written escaped
+    path.write_bytes(path.read_bytes() + '{"image": "c.png", "caption": "raw\u2028sep"}\n'.encode())
+    reread = JsonlWriter(path)
+    reread.load()
+    assert all(reread.is_done(name) for name in ("a.png", "b.png", "c.png"))
+    assert [json.loads(line)["caption"] for line in path.read_bytes().split(b"\n")[:-1]] == [
+        "one\u2028two",
+        "x\u2029y",
+        "raw\u2028sep",
+    ]
+
+
+def test_jsonl_write_cut_inside_a_utf8_character_is_cut_off(tmp_path):
+    path = tmp_path / "c.jsonl"
+    good = '{"image": "a.png", "caption": "café"}\n'.encode()
+    path.write_bytes(good + '{"image": "b.png", "caption": "café"}'.encode()[:-3])
+    writer = JsonlWriter(path)
+    writer.load()
+    assert writer.is_done("a.png") and not writer.is_done("b.png")
+    assert path.read_bytes() == good
+
+
+def test_jsonl_with_a_foreign_line_in_the_middle_is_refused_untouched(tmp_path):
+    path = tmp_path / "c.jsonl"
+    content = b'{"image": "a.png"}\nnot json at all\n{"image": "b.png"}\n'
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="line 2 is not a JSON record"):
+        JsonlWriter(path).load()
+    assert path.read_bytes() == content
+
+
+def test_csv_keeps_crlf_inside_captions_when_cutting_a_torn_record(tmp_path):
+    path = tmp_path / "c.csv"
+    fields = ("image", "caption")
+    whole = b'image,caption\na.png,"one\r\ntwo"\nb.png,"three\r\nfour"\n'
+    path.write_bytes(whole + b'c.png,"torn')
+    writer = CsvWriter(path, fields)
+    writer.load()
+    assert path.read_bytes() == whole
+    assert writer.is_done("b.png") and not writer.is_done("c.png")
+    again = CsvWriter(path, fields)
+    again.load()
+    assert again.is_done("a.png") and again.is_done("b.png")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"name,score\nada,3\n", "its header is not image,caption"),
+        (b'image,caption\na.png,"x"\nb.png\nc.png,"y"\n', "row 3 does not have 2 columns"),
+    ],
+)
+def test_csv_of_someone_else_is_refused_untouched(tmp_path, content, message):
+    path = tmp_path / "c.csv"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        CsvWriter(path, ("image", "caption")).load()
+    assert path.read_bytes() == content
