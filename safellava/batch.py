@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ from .records import CaptionRecord
 from .writers import FORMATS, JsonlWriter, SidecarWriter, Writer, get_writer
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# Decoded pixels of one batch (0.4 GB as RGB): a bound on what each decoding thread holds at once.
+DEFAULT_MAX_BATCH_PIXELS = 128_000_000
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class BatchOptions:
     workers: int = 2  # background threads decoding and preprocessing images
     shard: tuple[int, int] = (1, 1)  # (K, N): take the K-th of N deterministic parts
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
+    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS  # a batch is cut before its images exceed this
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -80,6 +83,8 @@ class BatchOptions:
             raise UsageError(f"shard {index}/{count}: K must be between 1 and N")
         if self.workers < 0:
             raise UsageError("--workers must be 0 (decode in the main thread) or more")
+        if not self.extensions:
+            raise UsageError("--ext names no extension: give a comma-separated list such as jpg,png")
 
     @property
     def errors_path(self) -> Path:
@@ -91,7 +96,40 @@ class BatchOptions:
         if self.format == "txt":
             return (self.output or self.root) / f"safellava-errors{tag}.jsonl"
         assert self.output is not None
-        return self.output.with_name(f"{self.output.stem}{tag}.errors.jsonl")
+        # captions.jsonl -> captions.errors.jsonl; any other format keeps its name apart from it:
+        # captions.csv -> captions.csv.errors.jsonl.
+        stem = self.output.stem if self.output.suffix.lower() == ".jsonl" else self.output.name
+        return self.output.with_name(f"{stem}{tag}.errors.jsonl")
+
+    def check_paths(self) -> None:
+        """Refuse output and errors paths that are images, the same file, or not plain files."""
+        image_extensions = {e.lower().lstrip(".") for e in (*self.extensions, *DEFAULT_EXTENSIONS)}
+        named = [("--errors", self.errors_path)]
+        if self.format != "txt" and self.output is not None:
+            named.insert(0, ("--output", self.output))
+        for flag, path in named:
+            if path.suffix.lower().lstrip(".") in image_extensions:
+                raise UsageError(f"{flag} {path} is named like an image: choose a .jsonl or .csv file name")
+            if path.exists() and not path.is_file():
+                raise UsageError(f"{flag} {path} is not a plain file: choose a file name")
+        if self.format != "txt" and self.output is not None and _same_file(self.output, self.errors_path):
+            raise UsageError(f"--errors {self.errors_path} is the --output file: give them different names")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def header_pixels(path: Path) -> int:
+    """Width times height from an image file's header (no decoding); 0 when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # the worker that decodes it reports why
+        return 0
+    return width * height
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -162,12 +200,19 @@ def open_writer(options: BatchOptions, dry_run: bool = False) -> Writer:
 
     A dry run changes nothing on disk.
     """
+    options.check_paths()
     writer = get_writer(options.format, options.root, options.output, options.caption_ext)
-    if not options.overwrite:
-        writer.load(repair=not dry_run)
-    elif not dry_run:
+    # Read even with --overwrite: a file that is not safellava's is refused, never replaced.
+    writer.load(repair=not dry_run and not options.overwrite)
+    if options.overwrite and not dry_run:
         writer.reset()
+    error_log(options).load(repair=False)  # the errors file is rewritten each run: it must be ours too
     return writer
+
+
+def error_log(options: BatchOptions) -> JsonlWriter:
+    """The errors file: one JSON record per failed image, with ``image`` and ``error``."""
+    return JsonlWriter(options.errors_path, required=("image", "error"))
 
 
 def plan_folder(options: BatchOptions, writer: Writer) -> BatchPlan:
@@ -217,12 +262,31 @@ class Progress:
 
 @dataclass
 class Prepared:
-    """A batch ready for ``generate``: the images that opened, their inputs, and the failures."""
+    """A batch ready for ``generate``: the images that opened, their inputs, and the failures.
+
+    The decoded images themselves are not kept (they can be far larger than the inputs); the rare
+    out-of-memory retry opens them again.
+    """
 
     items: list[Item]
-    images: list[Any]
     inputs: Any
     failures: list[tuple[Item, str]]
+
+
+class Reopened(Sequence[Any]):
+    """The images of a prepared batch, opened again only when a retry reads them."""
+
+    def __init__(self, items: list[Item], max_pixels: int):
+        self.items = items
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [load_image(item.path, self.max_pixels) for item in self.items[index]]
+        return load_image(self.items[index].path, self.max_pixels)
 
 
 class BatchCaptioner:
@@ -251,13 +315,20 @@ class BatchCaptioner:
             except Exception as exc:
                 failures.append((item, f"cannot be read ({type(exc).__name__}: {exc})"))
         inputs = self.engine.prepare(images, [self.prompt] * len(images)) if images else None
-        return Prepared(opened, images, inputs, failures)
+        return Prepared(opened, inputs, failures)
 
     def _batches(self, items: list[Item]) -> Iterator[list[Item]]:
-        start = 0
-        while start < len(items):
-            chunk = items[start : start + self.sizer.size]
-            start += len(chunk)
+        """Consecutive batches of the current size, cut short where their pixels would exceed the budget."""
+        chunk: list[Item] = []
+        pixels = 0
+        for item in items:
+            size = header_pixels(item.path)
+            if chunk and (len(chunk) >= self.sizer.size or pixels + size > self.options.max_batch_pixels):
+                yield chunk
+                chunk, pixels = [], 0
+            chunk.append(item)
+            pixels += size
+        if chunk:
             yield chunk
 
     def _prefetched(self, items: list[Item]) -> Iterator[Prepared]:
@@ -276,7 +347,7 @@ class BatchCaptioner:
 
     def run(self, plan: BatchPlan, on_progress: Callable[[Progress], None] | None = None) -> Progress:
         """Caption ``plan.todo``, writing captions and failures after every batch."""
-        errors = JsonlWriter(self.options.errors_path)
+        errors = error_log(self.options)
         errors.reset()  # failures of earlier runs are retried, so only this run's are listed
         started = time.perf_counter()
         progress = Progress(0, len(plan.todo) + len(plan.refused), 0, 0, len(plan.skipped), 0.0)
@@ -291,8 +362,9 @@ class BatchCaptioner:
             for prepared in self._prefetched(plan.todo):
                 failures = list(prepared.failures)
                 records = []
-                if prepared.images:
-                    captions = self.engine.caption(prepared.images, self.generation, prepared.inputs)
+                if prepared.items:
+                    reopened = Reopened(prepared.items, self.options.max_pixels)
+                    captions = self.engine.caption(reopened, self.generation, prepared.inputs)
                     for item, caption in zip(prepared.items, captions, strict=True):
                         if caption is None:
                             failures.append((item, OOM_MESSAGE))
@@ -308,6 +380,9 @@ class BatchCaptioner:
         finally:
             self.writer.close()
             errors.close()
+        if not progress.failed:
+            # Nothing failed this time: an errors file of an earlier run would list stale failures.
+            self.options.errors_path.unlink(missing_ok=True)
         progress.seconds = time.perf_counter() - started
         return progress
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .prompts import canonical_format
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "llava-1.5-7b"
@@ -19,7 +21,7 @@ SAFE_CLIP_336 = "aimagelab/safeclip_vit-l_14_336"
 QUANTIZE_CHOICES = ("none", "4bit", "8bit")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
-PROMPT_FORMATS = ("auto", "llava", "vicuna", "mistral", "chatml")
+MAX_PRESET_BYTES = 64 * 1024  # a preset is a few lines; anything bigger is not one
 
 
 @dataclass
@@ -37,9 +39,9 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UsageError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # also refuses nan
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
@@ -58,12 +60,15 @@ class ModelOptions:
     quantize: str = "none"  # none | 4bit | 8bit (bitsandbytes, language model only)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
-    prompt_format: str = "auto"  # built-in format when the checkpoint has no chat template
+    prompt_format: str = "auto"  # auto (the original's format) | llava_v1 | mistral_instruct | chatml_direct | llava_llama_2 | checkpoint
+    pad_images: bool = (
+        True  # pad to a square as the original does (LLaVA-1.5); False: centre crop as llava-hf
+    )
 
     def __post_init__(self) -> None:
         _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
-        _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
+        self.prompt_format = canonical_format(self.prompt_format)
         base, _, index = self.device.partition(":")
         if base not in DEVICE_CHOICES or (":" in self.device and (base != "cuda" or not index.isdigit())):
             raise UsageError(
@@ -100,7 +105,7 @@ def _preset_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise UsageError(f"preset file {name_or_path} does not exist")
+            raise UsageError(f"preset file {name_or_path} does not exist or is not a file")
         return path
     builtin = PRESET_DIR / f"{name_or_path}.yaml"
     if not builtin.is_file():
@@ -123,7 +128,9 @@ def _from_mapping(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if not _fits_type(value, hints[key]):
-            raise UsageError(f"{where}: {key} must be {_type_name(hints[key])}, got {value!r}")
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
+            raise UsageError(f"{where}: {key} must be {_type_name(hints[key])}, got {shown}")
     try:
         return cls(**data)
     except TypeError as exc:
@@ -154,16 +161,42 @@ def _type_name(hint: Any) -> str:
     return " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in allowed)
 
 
-def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
-    """Read a built-in preset by name, or a preset YAML file by path."""
+def _read_yaml(path: Path) -> Any:
+    """A small YAML file without aliases: presets need none, and alias expansion has no bound."""
     import yaml
 
-    path = _preset_path(name_or_path)
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise UsageError(
+                    f"preset {path}: line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                    "are not allowed in presets: write the value out"
+                )
+            return super().compose_node(parent, index)
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with path.open("rb") as file:
+            raw = file.read(MAX_PRESET_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"preset {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_PRESET_BYTES:
+        raise UsageError(f"preset {path} is over {MAX_PRESET_BYTES // 1024} KiB: not a preset file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"preset {path} is not UTF-8 text: not a preset file") from None
+    try:
+        return yaml.load(text, Loader=NoAliases)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
         raise UsageError(f"preset {path}: {first}") from None
+
+
+def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
+    """Read a built-in preset by name, or a preset YAML file by path."""
+    path = _preset_path(name_or_path)
+    data = _read_yaml(path) or {}
     if not isinstance(data, dict):
         raise UsageError(f"preset {path} must be a YAML mapping")
     data = dict(data)

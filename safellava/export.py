@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .config import ModelOptions
-from .errors import UsageError
+from .errors import UsageError, output_error
 from .model import SafeLlava
 from .weights import resolved_commit
 from .writers import ordinary_mode
@@ -70,6 +70,34 @@ def _base_license(repo: str, revision: str | None) -> str | None:
         return ModelCard.load(card).data.license if card else None
     except (OSError, ValueError):
         return None
+
+
+def merged_tower_fingerprint(loaded: SafeLlava, state: dict[str, Any], dtype: str) -> str:
+    """The fingerprint of the tower as this export stores it (``dtype``), named as the tower's own weights."""
+    import torch
+
+    from .vision import fingerprint, stock_tower_tensors
+
+    target = getattr(torch, dtype)
+    tensors = stock_tower_tensors(state, loaded.family.stock_tower_key)
+    return fingerprint({name: tensor.detach().to("cpu", target) for name, tensor in tensors.items()})
+
+
+def baked_tower(options: ModelOptions) -> dict[str, Any] | None:
+    """What an exported model's ``safellava.json`` says it holds; None for any other checkpoint."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(
+            options.model,
+            PROVENANCE_FILE,
+            revision=options.revision,
+            _raise_exceptions_for_missing_entries=False,
+        )
+        data = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("vision_tower"), str) else None
 
 
 def provenance(loaded: SafeLlava, dtype: str) -> dict[str, Any]:
@@ -237,6 +265,21 @@ def export(
     check_target(target, force, (loaded.options.model, loaded.options.vision_tower))
     info = provenance(loaded, dtype)
     state = hub_state_dict(loaded)
+    info["merged_tower_fingerprint"] = merged_tower_fingerprint(loaded, state, dtype)
+    try:
+        return _write_export(loaded, info, state, target, dtype, max_shard_size)
+    except OSError as exc:
+        raise output_error(target, exc, "choose another OUT_DIR") from None
+
+
+def _write_export(
+    loaded: SafeLlava,
+    info: dict[str, Any],
+    state: dict[str, Any],
+    target: Path,
+    dtype: str,
+    max_shard_size: Any,
+) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         _write_config(loaded, staging, dtype)

@@ -16,15 +16,16 @@ from .errors import ModelLoadError
 
 
 def _llava_format(config: Any, tokenizer: Any) -> str:
-    return "llava"
+    return "llava_v1"
 
 
 def _next_format(config: Any, tokenizer: Any) -> str:
+    """As the original picks it from the model name: 34B (ChatML tokens), Mistral, else Vicuna."""
     if "<|im_start|>" in tokenizer.get_vocab():
-        return "chatml"
+        return "chatml_direct"
     if getattr(config.text_config, "model_type", "") == "mistral":
-        return "mistral"
-    return "vicuna"
+        return "mistral_instruct"
+    return "llava_v1"
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Family:
     hub_layout: tuple[
         tuple[str, str], ...
     ]  # (loaded model's key prefix, llava-hf hub key prefix), for export
-    default_format: Callable[[Any, Any], str]  # (config, tokenizer) -> prompt format
+    default_format: Callable[[Any, Any], str]  # (config, tokenizer) -> the original's prompt format
+    pads_images: bool  # the original pads images to a square (image_aspect_ratio "pad") before the processor
     tower_module: str = "model.vision_tower"  # where the vision tower sits in the loaded model
     projector_modules: tuple[str, ...] = ("model.multi_modal_projector",)  # vision -> text, incl. newline
     language_modules: tuple[str, ...] = ("model.language_model", "lm_head")
@@ -102,6 +104,7 @@ LLAVA = Family(
     not_quantized=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
     hub_layout=_COMMON_LAYOUT,
     default_format=_llava_format,
+    pads_images=True,
 )
 
 LLAVA_NEXT = Family(
@@ -112,6 +115,7 @@ LLAVA_NEXT = Family(
     not_quantized=("model.vision_tower", "model.multi_modal_projector", "model.image_newline", "lm_head"),
     hub_layout=(*_COMMON_LAYOUT, ("model.image_newline", "image_newline")),
     default_format=_next_format,
+    pads_images=False,  # anyres tiles, which the llava-hf processor already makes as the original does
     projector_modules=("model.multi_modal_projector", "model.image_newline"),
 )
 

@@ -9,14 +9,18 @@ even alone is reported with ``OOM_MESSAGE``.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .config import GenerationOptions
-from .errors import OutOfMemoryError
+from .errors import OutOfMemoryError, UsageError
 from .prompts import Turn, render_prompt, single_turn
+
+log = logging.getLogger("safellava")
 
 OOM_MESSAGE = (
     "out of GPU memory even for one image: try --quantize 4bit, a smaller model or a lower --max-new-tokens"
@@ -90,6 +94,7 @@ class Engine:
         self._sizer: BatchSizer | None = None
         self._local = threading.local()
         self._main_thread = threading.get_ident()
+        self._capped: set[int] = set()  # max_new_tokens values already reported as capped
 
     def render(self, turns: Sequence[Turn]) -> str:
         """The prompt text for a conversation, ending where the assistant's answer begins."""
@@ -118,11 +123,44 @@ class Engine:
     def _on_device(self, inputs: Any) -> Any:
         return inputs.to(self.model.device, dtype=self.model.dtype)
 
+    @property
+    def context_length(self) -> int:
+        """How many tokens the language model attends to: prompt (with the image) and answer together."""
+        config = self.model.config
+        return int(getattr(config, "text_config", config).max_position_embeddings)
+
+    def fit(self, inputs: Any, options: GenerationOptions) -> GenerationOptions:
+        """Options whose answer fits the context after this prompt; a ``UsageError`` if the prompt alone does not.
+
+        A ``max_new_tokens`` beyond the room left is capped, and said once (on the ``safellava`` logger).
+        """
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise UsageError(
+                f"the prompt takes {prompt_tokens} tokens with the image, and the model's context is "
+                f"{self.context_length}: shorten the prompt"
+            )
+        if options.max_new_tokens <= room:
+            return options
+        if options.max_new_tokens not in self._capped:
+            self._capped.add(options.max_new_tokens)
+            log.warning(
+                "max_new_tokens %d does not fit the model's context of %d tokens after a %d-token prompt: "
+                "answers stop at %d tokens",
+                options.max_new_tokens,
+                self.context_length,
+                prompt_tokens,
+                room,
+            )
+        return dataclasses.replace(options, max_new_tokens=room)
+
     def generate(self, inputs: Any, options: GenerationOptions) -> list[str]:
         """One ``generate`` call on prepared inputs; the decoded answers, stripped."""
         import torch
         from transformers import set_seed
 
+        options = self.fit(inputs, options)
         inputs = self._on_device(inputs)
         if options.seed is not None:
             set_seed(options.seed)
@@ -158,7 +196,7 @@ class Engine:
                 return [None]
             sizer.shrink(len(images))
         return sizer.run(
-            list(images), lambda chunk: self.generate(self.prepare(chunk, [prompt] * len(chunk)), options)
+            images, lambda chunk: self.generate(self.prepare(chunk, [prompt] * len(chunk)), options)
         )
 
     def caption_all(self, images: Sequence[Any], options: GenerationOptions) -> list[str]:
@@ -178,6 +216,7 @@ class Engine:
 
         ``on_finish`` receives the answer's text once, when it ends or is stopped.
         """
+        options = self.fit(inputs, options)
         return StreamingAnswer(self.model, self.processor, self._on_device(inputs), options, on_finish)
 
 

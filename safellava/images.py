@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import urllib.error
 import urllib.request
-from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -18,6 +19,7 @@ ImageSource = str | os.PathLike | bytes | Image.Image
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; bigger files are refused (decompression bombs)
 MAX_ASPECT_RATIO = 50  # thinner images would grow huge when their short side is resized to the model's
 URL_TIMEOUT_S = 30
+MAX_IMAGE_BYTES = 512 * 2**20  # an image file of more cannot be under the pixel limit; never read further
 
 
 def source_name(source: ImageSource) -> str:
@@ -29,20 +31,19 @@ def source_name(source: ImageSource) -> str:
     return os.fspath(source)
 
 
-def _read_source(source: str | os.PathLike | bytes, name: str) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    text = os.fspath(source)
-    if isinstance(text, str) and text.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(text, timeout=URL_TIMEOUT_S) as response:
-                return response.read()
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ImageError(name, f"cannot download ({reason})") from None
-    path = Path(text)
+def read_limited(stream: BinaryIO, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """At most ``limit`` bytes of a stream; an ``ImageError`` if it holds more."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError(name, f"more than {limit // 2**20} MiB: not an image this tool reads")
+    return data
+
+
+def _read_file(path: str, name: str) -> bytes:
+    """A regular file's bytes; FIFOs, devices and sockets are refused without blocking on them."""
     try:
-        return path.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then tells what was opened.
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise ImageError(name, "no such file") from None
     except IsADirectoryError:
@@ -51,6 +52,33 @@ def _read_source(source: str | os.PathLike | bytes, name: str) -> bytes:
         raise ImageError(name, "permission denied") from None
     except OSError as exc:
         raise ImageError(name, f"cannot read ({exc.strerror or exc})") from None
+    mode = os.fstat(handle).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(handle)
+        if stat.S_ISDIR(mode):
+            raise ImageError(name, "is a folder, not an image file")
+        raise ImageError(name, "not a regular file (a pipe, device or socket): save the image to a file")
+    with os.fdopen(handle, "rb") as file:
+        try:
+            return read_limited(file, name)
+        except OSError as exc:
+            raise ImageError(name, f"cannot read ({exc.strerror or exc})") from None
+
+
+def _read_source(source: str | os.PathLike | bytes, name: str) -> bytes:
+    if isinstance(source, bytes):
+        if len(source) > MAX_IMAGE_BYTES:
+            raise ImageError(name, f"more than {MAX_IMAGE_BYTES // 2**20} MiB: not an image this tool reads")
+        return source
+    text = os.fspath(source)
+    if isinstance(text, str) and text.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(text, timeout=URL_TIMEOUT_S) as response:
+                return read_limited(response, name)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ImageError(name, f"cannot download ({reason})") from None
+    return _read_file(os.fsdecode(text), name)
 
 
 def _allow_pixels(max_pixels: int) -> None:

@@ -92,8 +92,14 @@ def weight_memory(counts: dict[str, int]) -> dict[str, int]:
 
 
 def _tower_section(options: ModelOptions, llava_config: Any, load: bool) -> tuple[dict[str, Any], Any]:
+    """What info says of the tower, and the vision config of the tower that will run."""
     if options.uses_original_tower:
-        return {"id": "original", "fits": True, "problems": [], "fingerprint": None}, llava_config
+        return {
+            "id": "original",
+            "fits": True,
+            "problems": [],
+            "fingerprint": None,
+        }, llava_config.vision_config
     tower = read_tower_config(options.vision_tower, options.tower_revision)
     problems = fit_problems(llava_config, tower.config)
     section: dict[str, Any] = {
@@ -116,19 +122,28 @@ def _tower_section(options: ModelOptions, llava_config: Any, load: bool) -> tupl
         section["fingerprint_note"] = (
             f"not computed: {exc} (weights are read only when on disk, or with --load)"
         )
-    if problems:
-        return section, llava_config
-    merged = llava_config.__class__.from_dict(llava_config.to_dict())
-    merged.vision_config = tower.config
-    return section, merged
+    return section, tower.config
+
+
+def tower_parameters(tower_config: Any) -> int:
+    """Parameters of a CLIP vision tower with this config, counted on the meta device."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in CLIPVisionModel(tower_config).parameters())
 
 
 def setup_report(options: ModelOptions, preset: str | None = None, load: bool = False) -> dict[str, Any]:
     """Everything ``safellava info`` reports, as a JSON-ready dict."""
     config, family = read_llava_config(options)
-    processor = load_processor(options)
-    tower, counted_config = _tower_section(options, config, load)
-    counts = parameter_counts(counted_config, family)
+    processor = load_processor(options, family)
+    tower, tower_config = _tower_section(options, config, load)
+    counts = parameter_counts(config, family)
+    # The tower that runs is counted, fitting or not; the rest is the LLaVA's.
+    running = tower_parameters(tower_config)
+    counts["total"] += running - counts["vision_tower"]
+    counts["vision_tower"] = running
     report: dict[str, Any] = {
         "preset": preset,
         "model": {
@@ -141,6 +156,7 @@ def setup_report(options: ModelOptions, preset: str | None = None, load: bool = 
             "prompt_format": family.default_format(config, processor.tokenizer)
             if options.prompt_format == "auto"
             else options.prompt_format,
+            "pads_images": family.pads_images and options.pad_images,
             "vision_feature_layer": config.vision_feature_layer,
         },
         "vision_tower": tower,

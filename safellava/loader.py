@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 from typing import Any
 
 from .config import ModelOptions, Preset, resolve_options
 from .devices import Placement, resolve_placement
-from .errors import ModelLoadError, first_line
+from .errors import ModelLoadError, load_failure
 from .families import Family, family_of
 from .model import SafeLlava
 from .vision import check_tower_fits, read_tower_config, stock_tower_tensors, tower_state_dict
-from .weights import missing_folder, open_lazy_state_dict, resolve_weight_files
+from .weights import PICKLE_REFUSED, missing_folder, open_lazy_state_dict, resolve_weight_files
 
 
 def read_llava_config(options: ModelOptions) -> tuple[Any, Family]:
@@ -24,7 +25,9 @@ def read_llava_config(options: ModelOptions) -> tuple[Any, Family]:
     try:
         config = AutoConfig.from_pretrained(options.model, revision=options.revision)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {options.model}: {first_line(exc)}") from None
+        raise ModelLoadError(
+            f"cannot load model {options.model}: {load_failure(options.model, exc)}"
+        ) from None
     return config, family_of(config, options.model)
 
 
@@ -45,16 +48,40 @@ def quantization_config(quantize: str, dtype: Any, family: Family) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(family.not_quantized))
 
 
-def load_processor(options: ModelOptions) -> Any:
-    """The checkpoint's processor, padding on the left for batched generation."""
+def load_processor(options: ModelOptions, family: Family) -> Any:
+    """The checkpoint's processor as the original preprocesses: PIL image processing, padding where it pads.
+
+    Tokens are padded on the left for batched generation.
+    """
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(options.model, revision=options.revision)
+        # The PIL backend, as the original LLaVA's CLIPImageProcessor, also where torchvision is installed.
+        processor = AutoProcessor.from_pretrained(options.model, revision=options.revision, backend="pil")
     except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load the processor of {options.model}: {first_line(exc)}") from None
+        raise ModelLoadError(
+            f"cannot load the processor of {options.model}: {load_failure(options.model, exc)}"
+        ) from None
     processor.tokenizer.padding_side = "left"
+    if family.pads_images and options.pad_images:
+        processor.image_processor = padding_image_processor(processor.image_processor)
     return processor
+
+
+def padding_image_processor(image_processor: Any) -> Any:
+    """The same image processor, padding each image to a square of the mean colour first.
+
+    That is the original's ``expand2square(image, tuple(int(x * 255) for x in image_mean))``
+    followed by the CLIP processor: nothing of a wide or tall image is cropped away.
+    """
+    from transformers import LlavaImageProcessorPil
+
+    settings = {
+        k: v
+        for k, v in image_processor.to_dict().items()
+        if k not in ("image_processor_type", "processor_class")
+    }
+    return LlavaImageProcessorPil(**{**settings, "do_pad": True})
 
 
 def _load_kwargs(options: ModelOptions, placement: Placement, family: Family) -> dict[str, Any]:
@@ -74,8 +101,10 @@ def _from_pretrained(model_class: Any, name: str, *args: Any, **kwargs: Any) -> 
         raise ModelLoadError(
             f"out of memory loading {name}: try --quantize 4bit or a smaller preset"
         ) from None
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"cannot load model {name}: {PICKLE_REFUSED}") from None
     except (OSError, ImportError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {name}: {first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load model {name}: {load_failure(name, exc)}") from None
 
 
 def _load_with_tower(family: Family, config: Any, options: ModelOptions, placement: Placement) -> Any:
@@ -163,7 +192,7 @@ def load(
     placement = resolve_placement(options.device, options.dtype, options.quantize)
 
     config, family = read_llava_config(options)
-    processor = load_processor(options)
+    processor = load_processor(options, family)
     if options.uses_original_tower:
         loaded = _from_pretrained(
             family.model_type(),

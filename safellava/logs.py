@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+
+NOTICE_PREFIX = "safellava: "
+
+
+class _Notices(logging.Handler):
+    """One line per notice on whatever ``sys.stderr`` is when it is written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(NOTICE_PREFIX + record.getMessage(), file=sys.stderr, flush=True)
+
+
+def show_notices() -> None:
+    """safellava's own notices (a capped answer length, for example) as one line each on stderr."""
+    logger = logging.getLogger("safellava")
+    if not any(isinstance(handler, _Notices) for handler in logger.handlers):
+        logger.addHandler(_Notices())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def configure(verbose: bool) -> None:
     """Quiet start-up reports, progress bars and per-generate warnings, or show them all."""
+    show_notices()
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

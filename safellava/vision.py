@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SAFE_CLIP_336
-from .errors import IncompatibleTowerError, ModelLoadError, first_line
+from .errors import IncompatibleTowerError, ModelLoadError, load_failure
 
 _VISION_HALF = "vision_model."
 _TOP_LEVEL_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
@@ -35,7 +35,7 @@ def read_tower_config(source: str, revision: str | None = None) -> TowerSpec:
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load vision tower {source}: {first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load vision tower {source}: {load_failure(source, exc)}") from None
     if config.model_type == "clip":
         vision = config.vision_config
     elif config.model_type == "clip_vision_model":

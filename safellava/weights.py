@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, first_line
+from .errors import ModelLoadError, first_line, load_failure
 
+PICKLE_REFUSED = (
+    "it holds objects that are not plain tensors, and safellava never runs code from a checkpoint "
+    "(it loads pickles with weights_only): use a safetensors checkpoint from a source you trust"
+)
 # In order of preference: safetensors (memory-mapped, no code execution), then PyTorch pickles.
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -27,7 +32,7 @@ def _hub_file(repo: str, filename: str, revision: str | None, local_only: bool =
             _raise_exceptions_for_missing_entries=False,
         )
     except OSError as exc:
-        raise ModelLoadError(f"cannot fetch {filename} from {repo}: {first_line(exc)}") from None
+        raise ModelLoadError(f"cannot fetch {filename} from {repo}: {load_failure(repo, exc)}") from None
 
 
 def resolve_weight_files(repo: str, revision: str | None = None, local_only: bool = False) -> list[Path]:
@@ -71,7 +76,9 @@ def open_lazy_state_dict(files: list[Path]) -> Iterator[dict[str, Any]]:
                     state.update((key, handle.get_slice(key)) for key in keys)
                 else:
                     state.update(_load_pickle(torch, file))
-            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            except pickle.UnpicklingError:
+                raise ModelLoadError(f"cannot read weights {file}: {PICKLE_REFUSED}") from None
+            except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
                 raise ModelLoadError(f"cannot read weights {file}: {first_line(exc)}") from None
         yield state
 

@@ -18,9 +18,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from .errors import UsageError
+from .errors import UsageError, output_error
 from .records import CSV_FIELDS, CaptionRecord
 
+RESUME_FIX = "choose another --output (a rerun resumes where this one stopped)"
 # The columns of CSV files written before the record gained its generation settings: still resumed.
 LEGACY_CSV_FIELDS = CSV_FIELDS[:9]
 
@@ -87,6 +88,8 @@ class SidecarWriter:
         self.output = Path(os.path.abspath(output or root))
         self.caption_ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
         self._cleaned: set[Path] = set()
+        self._real_output = os.path.realpath(self.output)
+        self._inside: dict[Path, bool] = {}
 
     @classmethod
     def for_batch(cls, root: Path, output: Path | None, caption_ext: str) -> SidecarWriter:
@@ -94,11 +97,30 @@ class SidecarWriter:
         return cls(root, output, caption_ext)
 
     def target(self, image: str) -> Path:
-        """Where the caption of ``image`` (a path relative to the input folder) goes."""
+        """Where the caption of ``image`` (a path relative to the input folder) goes.
+
+        A ``ValueError`` if that place is outside the output folder, by ``..`` or through a symlinked
+        folder.
+        """
         relative = PurePosixPath(image)
         if relative.is_absolute() or ".." in relative.parts:
             raise ValueError(f"caption path for {image} would fall outside {self.output}")
-        return (self.output / relative).with_suffix(self.caption_ext)
+        target = (self.output / relative).with_suffix(self.caption_ext)
+        if not self._inside_output(target.parent):
+            raise ValueError(
+                f"its caption file would be written outside {self.output} through a symlinked folder "
+                "(captions never leave the output folder: use --output DIR)"
+            )
+        return target
+
+    def _inside_output(self, folder: Path) -> bool:
+        """Whether ``folder``, its symlinks resolved (existing or not yet), lies inside the output folder."""
+        inside = self._inside.get(folder)
+        if inside is None:
+            real = os.path.realpath(folder)
+            inside = os.path.commonpath([real, self._real_output]) == self._real_output
+            self._inside[folder] = inside
+        return inside
 
     def is_done(self, image: str) -> bool:
         """True when a non-empty caption file exists for ``image``."""
@@ -114,9 +136,12 @@ class SidecarWriter:
     def write(self, records: Iterable[CaptionRecord]) -> None:
         for record in records:
             target = self.target(record.image)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._remove_leftovers(target.parent)
-            atomic_write_text(target, record.caption + "\n")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._remove_leftovers(target.parent)
+                atomic_write_text(target, record.caption + "\n")
+            except OSError as exc:
+                raise output_error(target, exc, RESUME_FIX) from None
 
     def _remove_leftovers(self, folder: Path) -> None:
         """Remove temporary caption files that a killed run left in ``folder`` (once per folder per run)."""
@@ -185,21 +210,27 @@ class _AppendWriter:
         records = list(records)
         if not records:
             return
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Kept open across batches; closed by close().
-            self._file = open(self.path, "w" if self._fresh else "a", encoding="utf-8", newline="")  # noqa: SIM115
-        self._file.write(self._serialize(records, new_file=self._file.tell() == 0))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Kept open across batches; closed by close().
+                self._file = open(self.path, "w" if self._fresh else "a", encoding="utf-8", newline="")  # noqa: SIM115
+            self._file.write(self._serialize(records, new_file=self._file.tell() == 0))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise output_error(self.path, exc, RESUME_FIX) from None
         self._done.update(
             record.image if isinstance(record, CaptionRecord) else record["image"] for record in records
         )
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as exc:
+                raise output_error(self.path, exc, RESUME_FIX) from None
 
 
 def _not_ours(path: Path, what: str) -> UsageError:
@@ -209,14 +240,26 @@ def _not_ours(path: Path, what: str) -> UsageError:
     )
 
 
+RECORD_START = b'{"image": '  # how every JSON record safellava writes begins
+
+
+def _could_be_cut_short(tail: bytes, start: bytes) -> bool:
+    """Whether bytes after the last newline can be a record of ours that a kill cut short."""
+    return tail.startswith(start) or start.startswith(tail)
+
+
 class JsonlWriter(_AppendWriter):
     """One JSON object per line."""
 
     format_name = "jsonl"
 
+    def __init__(self, path: Path, required: tuple[str, ...] = ("image",)):
+        super().__init__(path)
+        self.required = required  # keys every record of this file has
+
     def _scan(self, data: bytes) -> tuple[int, list[dict[str, Any]]]:
         records: list[dict[str, Any]] = []
-        start = kept = 0
+        start = 0
         number = 0
         while (end := data.find(b"\n", start)) != -1:
             number += 1
@@ -226,13 +269,15 @@ class JsonlWriter(_AppendWriter):
                     record = json.loads(line)
                 except ValueError:  # also bytes that are not UTF-8
                     record = None
-                if not isinstance(record, dict) or "image" not in record:
-                    if data.find(b"\n", end + 1) == -1:
-                        break  # the last line: a write cut short by a kill
-                    raise _not_ours(self.path, f"line {number} is not a JSON record with an image")
+                if not isinstance(record, dict) or any(key not in record for key in self.required):
+                    keys = " and ".join(f'"{key}"' for key in self.required)
+                    raise _not_ours(self.path, f"line {number} is not a JSON record with {keys}")
                 records.append(record)
-            start = kept = end + 1
-        return kept, records
+            start = end + 1
+        # Whole records end in a newline: what follows the last one can only be a write cut short.
+        if start < len(data) and not _could_be_cut_short(data[start:], RECORD_START):
+            raise _not_ours(self.path, f"line {number + 1} is not a JSON record")
+        return start, records
 
     def _serialize(self, records: list[Any], new_file: bool) -> str:
         # \u2028 and \u2029 stay escaped: some readers split lines on them.
@@ -265,24 +310,31 @@ class CsvWriter(_AppendWriter):
 
     def _scan(self, data: bytes) -> tuple[int, list[dict[str, Any]]]:
         header_end = data.find(b"\n")
-        if header_end == -1:
-            return 0, []  # not even a whole header: the first write was cut short
+        if header_end == -1:  # not even a whole header: the first write was cut short, or not ours
+            if any(_could_be_cut_short(data, ",".join(fields).encode()) for fields in self._accepted):
+                return 0, []
+            raise _not_ours(self.path, f"its header is not {','.join(self.fields)}")
         header = self._rows(data[: header_end + 1])
         known = [fields for fields in self._accepted if header == [list(fields)]]
         if not known:
             raise _not_ours(self.path, f"its header is not {','.join(self.fields)}")
         self.fields = known[0]  # an older file keeps its columns
-        # Drop lines from the end until what is left parses as whole rows: a record cut short by a
-        # kill can only be at the end, so that is all that is ever dropped.
+        # Whole records end in a newline outside quotes. Drop lines from the end until what is left
+        # parses as whole rows: a record cut short by a kill can only be at the end, and it either
+        # lacks its final newline or stops inside a quoted caption, so it does not parse.
         end = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
         while end > header_end:
             rows = self._rows(data[:end])
             if rows is not None:
                 short = [index for index, row in enumerate(rows) if len(row) != len(self.fields)]
-                if not short:
-                    return end, [dict(zip(self.fields, row, strict=True)) for row in rows[1:]]
-                if short != [len(rows) - 1]:
+                if short:
                     raise _not_ours(self.path, f"row {short[0] + 1} does not have {len(self.fields)} columns")
+                tail = data[end:]
+                if tail and tail.endswith(b"\n") and self._rows(tail) is not None:
+                    raise _not_ours(
+                        self.path, f"row {len(rows) + 1} does not have {len(self.fields)} columns"
+                    )
+                return end, [dict(zip(self.fields, row, strict=True)) for row in rows[1:]]
             end = data.rfind(b"\n", 0, end - 1) + 1
         return header_end + 1, []
 

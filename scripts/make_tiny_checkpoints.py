@@ -20,13 +20,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-# Shapes of the tiny vision tower: a CLIP ViT with 32 px images in 8 px patches (16 patches + CLS).
+# Shapes of the tiny vision tower: a CLIP ViT with 64 px images in 8 px patches (64 patches + CLS).
 TINY_VISION = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=3,
     num_attention_heads=4,
-    image_size=32,
+    image_size=64,  # 64 image tokens: as in the real models, the image outweighs the prompt
     patch_size=8,
     projection_dim=16,
 )
@@ -101,6 +101,11 @@ def train_tokenizer(out_dir: Path, seed: int = 0):
         vocab_size=400,
         model_type="bpe",
         byte_fallback=True,
+        # As LLaMA's tokenizer is built: text kept as written (newlines, repeated spaces), a dummy
+        # prefix space, so the slow tokenizer of the original LLaVA code and transformers 5 agree.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
         character_coverage=1.0,
         unk_id=0,
         bos_id=1,
@@ -216,8 +221,39 @@ def build_llava(
     if save_dtype is not None:
         model.to(getattr(torch, save_dtype))
     model.save_pretrained(out_dir)
+    write_hub_layout(out_dir / "model.safetensors")
     processor.save_pretrained(out_dir)
+    write_hub_processor_files(out_dir, processor)
     return out_dir
+
+
+def write_hub_layout(weights: Path) -> None:
+    """Rename the tower's keys as the llava-hf hub repos name them (``vision_tower.vision_model.*``).
+
+    transformers 5 writes the language model under the hub's names but the tower without its
+    ``vision_model.`` level; the checkpoints users download have it.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    renamed = {
+        (
+            "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+            if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model.")
+            else key
+        ): tensor
+        for key, tensor in state.items()
+    }
+    save_file(renamed, weights, metadata={"format": "pt"})
+
+
+def write_hub_processor_files(out_dir: Path, processor) -> None:
+    """``preprocessor_config.json`` and ``chat_template.json`` beside the processor, as hub repos ship them."""
+    processor.image_processor.save_pretrained(out_dir)
+    if processor.chat_template:
+        (out_dir / "chat_template.json").write_text(
+            json.dumps({"chat_template": processor.chat_template}, indent=2) + "\n"
+        )
 
 
 def _shape_tiny_model(model, tokenizer) -> None:
@@ -284,7 +320,7 @@ def build_all(out_dir: Path | str) -> TinyCheckpoints:
     torch.manual_seed(0)
     CLIPVisionModel.from_pretrained(out / "safeclip").save_pretrained(out / "safeclip_vision_only")
     build_clip(out / "clip_wide", seed=4, hidden_size=48)
-    build_clip(out / "clip_large_images", seed=5, image_size=64)
+    build_clip(out / "clip_large_images", seed=5, image_size=96)
     build_clip(out / "clip_coarse_patches", seed=6, patch_size=16)
     paths = TinyCheckpoints(
         llava=out / "llava",

@@ -124,7 +124,8 @@ def test_every_format_records_good_images_and_lists_failures(tiny, dataset, tmp_
             assert record["model"] == str(tiny.llava)
             assert record["vision_tower"] == str(tiny.safeclip)
             assert record["prompt"] == "Provide a one-sentence caption for the provided image."
-        errors_path = tmp_path / "captions.errors.jsonl"
+        # captions.jsonl -> captions.errors.jsonl, captions.csv -> captions.csv.errors.jsonl: never shared.
+        errors_path = tmp_path / ("captions.errors.jsonl" if fmt == "jsonl" else "captions.csv.errors.jsonl")
     failures = {r["image"]: r["error"] for r in _jsonl(errors_path)}
     assert set(failures) == set(BAD)
     for name, reason in BAD.items():
@@ -447,15 +448,163 @@ def test_caption_extension_must_not_clobber_images(tiny, images, capsys, extensi
     assert Image.open(images[0]).size == (64, 48)
 
 
-def test_images_under_a_symlinked_subfolder_are_captioned(tiny, tmp_path, images, capsys):
+def test_captions_never_leave_the_output_folder_through_a_symlink(tiny, tmp_path, images, capsys):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     Image.open(images[0]).save(outside / "b.png")
     root = tmp_path / "root"
     root.mkdir()
+    Image.open(images[0]).save(root / "a.png")
     (root / "linked").symlink_to(outside)
-    assert main(["batch", str(root), "-r", *_model_flags(tiny), "--max-new-tokens", "4"]) == 0
-    assert (outside / "b.txt").read_text().strip()
+    # Captions beside the images: the symlinked subfolder's image is refused, not written outside.
+    code, _, err = _batch(capsys, tiny, root, "-r")
+    assert code == 1 and "failed 1" in err
+    assert (root / "a.txt").read_text().strip() and not (outside / "b.txt").exists()
+    [failure] = _jsonl(root / "safellava-errors.jsonl")
+    assert (
+        failure["image"] == "linked/b.png"
+        and "outside" in failure["error"]
+        and "--output DIR" in failure["error"]
+    )
+    # Mirrored into an output folder, the same image is captioned inside it.
+    assert _batch(capsys, tiny, root, "-r", "--output", str(tmp_path / "out"))[0] == 0
+    assert (tmp_path / "out" / "linked" / "b.txt").read_text().strip()
+    # A symlink inside the output folder that leads out of it (the repro).
+    (tmp_path / "mimg" / "sub").mkdir(parents=True)
+    Image.open(images[0]).save(tmp_path / "mimg" / "sub" / "x.png")
+    (tmp_path / "mout").mkdir()
+    (tmp_path / "mout" / "sub").symlink_to("../elsewhere2")
+    code, _, _ = _batch(capsys, tiny, tmp_path / "mimg", "-r", "--output", str(tmp_path / "mout"))
+    assert code == 1
+    assert not (tmp_path / "elsewhere2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_overwrite_never_replaces_a_file_that_is_not_ours(tiny, tmp_path, images, capsys, fmt):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    jpeg = folder / "a.jpg"
+    Image.open(images[1]).save(jpeg)
+    original = jpeg.read_bytes()
+    foreign = {
+        "system file": b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n",
+        "foreign csv": b"name,score\nada,3\n",
+        "one line": b"hello world not json\n",
+        "no newline": b"\x89PNG\r",
+    }
+    for name, content in foreign.items():
+        target = tmp_path / f"{name.replace(' ', '_')}.{fmt}"
+        target.write_bytes(content)
+        for overwrite in ([], ["--overwrite"]):
+            code, _, err = _batch(capsys, tiny, folder, "--format", fmt, "-o", str(target), *overwrite)
+            assert code == 2, (name, overwrite, err)
+            assert "not a safellava output" in err and len(err.splitlines()) == 1
+            assert target.read_bytes() == content, name
+    code, _, err = _batch(capsys, tiny, folder, "--format", fmt, "-o", str(jpeg), "--overwrite")
+    assert code == 2 and "named like an image" in err
+    assert jpeg.read_bytes() == original
+
+
+def test_the_errors_file_is_never_someone_elses_nor_the_output(tiny, tmp_path, images, capsys):
+    folder = images[0].parent
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    code, _, err = _batch(capsys, tiny, folder, "--errors", str(notes))
+    assert code == 2 and "not a safellava output" in err
+    assert notes.read_text() == "my notes\n"
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"image": "one.png", "caption": "kept"}\n')
+    flags = ["--format", "jsonl", "-o", str(same), "--errors", str(same), "--overwrite"]
+    code, _, err = _batch(capsys, tiny, folder, *flags)
+    assert code == 2 and "is the --output file" in err
+    assert same.read_text() == '{"image": "one.png", "caption": "kept"}\n'
+    # An earlier errors file of ours is rewritten (failures are retried each run).
+    ours = tmp_path / "errors.jsonl"
+    ours.write_text('{"image": "gone.png", "error": "no such file"}\n')
+    code, _, _ = _batch(capsys, tiny, folder, "--errors", str(ours), "--output", str(tmp_path / "txt"))
+    assert code == 0 and not ours.exists()
+
+
+def test_default_errors_files_of_two_formats_never_collide(tmp_path):
+    paths = {
+        BatchOptions(root=tmp_path, format=fmt, output=tmp_path / f"o1.{fmt}").errors_path
+        for fmt in ("jsonl", "csv")
+    }
+    assert paths == {tmp_path / "o1.errors.jsonl", tmp_path / "o1.csv.errors.jsonl"}
+
+
+def test_a_huge_prompt_file_is_refused_before_anything_loads(tmp_path, images, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"describe " * (10 * 2**20 // 9))
+    code = main(["batch", str(images[0].parent), "--model", "/nonexistent", "--prompt-file", str(prompt)])
+    assert code == 2
+    assert "is over 1 MiB" in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_context_is_refused_in_one_line(tiny, tmp_path, images, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("describe the street and the canal " * 3000)  # 100 KB, far over the tiny 1024 tokens
+    code, _, err = _batch(
+        capsys, tiny, images[0].parent, "--prompt-file", str(prompt), "-o", str(tmp_path / "o")
+    )
+    assert code == 2
+    assert "and the model's context is 1024: shorten the prompt" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_batches_are_cut_by_pixels_not_only_by_count(safe_llava, tmp_path, monkeypatch):
+    for i, size in enumerate([(40, 30), (40, 30), (200, 150), (40, 30), (40, 30), (40, 30)]):
+        Image.fromarray(_noise(60 + i, size)).save(tmp_path / f"{i}.png")
+    sizes = []
+    real = safe_llava.engine.caption
+
+    def spy(images, options, prepared=None):
+        sizes.append(len(images))
+        return real(images, options, prepared)
+
+    monkeypatch.setattr(safe_llava.engine, "caption", spy)
+    options = BatchOptions(root=tmp_path, format="jsonl", output=tmp_path / "c.jsonl", max_batch_pixels=5000)
+    writer = open_writer(options)
+    BatchCaptioner(safe_llava, options, safe_llava.generation_options(batch_size=16), writer).run(
+        plan_folder(options, writer)
+    )
+    # 1200 px each, the third 30000 px: it is a batch of its own, the others go four to a batch.
+    assert sizes == [2, 1, 3]
+
+
+@pytest.mark.parametrize("ext", [",,,", " , .", "."])
+def test_an_extension_list_that_names_nothing_is_bad_usage(tiny, images, capsys, ext):
+    code, _, err = _batch(capsys, tiny, images[0].parent, "--ext", ext)
+    assert code == 2 and "--ext names no extension" in err
+
+
+def test_a_newline_in_a_file_name_keeps_line_outputs_one_line_each(tiny, tmp_path, images, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.open(images[0]).save(folder / "two\nlines.png")
+    code, out, _ = _batch(capsys, tiny, folder, "--dry-run")
+    assert code == 0 and out == "caption\ttwo\\nlines.png\n"
+    code = main(
+        [
+            "caption",
+            str(folder / "two\nlines.png"),
+            str(images[0]),
+            *_model_flags(tiny),
+            "--max-new-tokens",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and len(out.splitlines()) == 2 and out.startswith(f"{folder}/two\\nlines.png: ")
+
+
+def test_an_empty_shard_or_folder_says_so(tiny, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = _batch(capsys, tiny, tmp_path / "empty", "--shard", "2/3")
+    assert code == 0
+    assert "no images to caption: none with jpg,jpeg,png,webp,bmp,gif,tif,tiff in" in err
+    assert "(subfolders need --recursive), in shard 2/3" in err
+    assert "already captioned" not in err
 
 
 def test_an_unexpected_decoder_error_fails_one_image_not_the_run(tiny, tmp_path, images, monkeypatch, capsys):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import pytest
 
 from safellava.chat import ChatSession, ContextOverflowError
 from safellava.cli import main
+from safellava.prompts import LLAVA_V1_SYSTEM
 from safellava.repl import HELP, TRIMMED_NOTICE, ChatIO, ChatLoop
 
 from .conftest import MAX_NEW_TOKENS
@@ -74,7 +76,10 @@ def test_history_is_kept_and_the_image_token_sent_once(safe_llava, images, monke
     assert [t.role for t in session.turns] == ["user", "assistant", "user", "assistant"]
     assert [t.text for t in session.turns] == ["Describe it", first, "What colour?", second]
     assert session.turns[0].image and not session.turns[2].image
-    assert prompts[1] == f"USER: <image>\nDescribe it ASSISTANT: {first}</s>USER: What colour? ASSISTANT:"
+    assert (
+        prompts[1]
+        == f"{LLAVA_V1_SYSTEM} USER: <image>\nDescribe it ASSISTANT: {first}</s>USER: What colour? ASSISTANT:"
+    )
     assert all(p.count("<image>") == 1 for p in prompts)
 
 
@@ -90,7 +95,7 @@ def test_text_only_conversation(safe_llava):
 
 
 def test_oldest_turns_are_dropped_but_never_the_image_turn(safe_llava, images):
-    session = _session(safe_llava, images[0], context_tokens=150)
+    session = _session(safe_llava, images[0], context_tokens=300)
     questions = [f"question number {i} about the street and the canal" for i in range(6)]
     for question in questions:
         _answer(session, question)
@@ -107,7 +112,7 @@ def test_question_too_long_even_alone(safe_llava, images):
 
 
 def test_loop_tells_once_about_trimming(safe_llava, images):
-    session = _session(safe_llava, images[0], context_tokens=150)
+    session = _session(safe_llava, images[0], context_tokens=300)
     script = Script([f"question number {i} about the street" for i in range(6)])
     assert ChatLoop(session, script.io()).run() == 0
     assert script.notices.count(TRIMMED_NOTICE) == 1
@@ -250,3 +255,42 @@ def test_an_unclosed_quote_in_a_chat_command_keeps_the_chat_going(safe_llava, im
     assert ChatLoop(session, io_).run() == 1
     assert errors == ['"unclosed: no such file']
     assert "".join(out).endswith("\n") and len(session.turns) == 2
+
+
+def test_save_never_replaces_what_is_not_a_transcript(safe_llava, images, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(images[0].read_bytes())
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    session = _session(safe_llava, image)
+    _answer(session, "Describe it")
+    script = Script(
+        [
+            f"/save {image}",
+            f"/save {notes}",
+            f"/save {tmp_path / 'talk.json'}",
+            f"/save {tmp_path / 'talk.json'}",
+        ]
+    )
+    assert ChatLoop(session, script.io()).run() == 2
+    assert image.read_bytes() == images[0].read_bytes() and notes.read_text() == '{"mine": true}\n'
+    assert all("exists and is not a safellava transcript (nothing was changed)" in e for e in script.errors)
+    assert script.notices.count(f"saved {tmp_path / 'talk.json'}") == 2  # its own transcript is updated
+
+
+def test_an_image_that_is_a_pipe_fails_at_once(safe_llava, tmp_path):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    script = Script([f"/image {fifo}"])
+    assert ChatLoop(_session(safe_llava), script.io()).run() == 1
+    assert script.errors == [
+        f"{fifo}: not a regular file (a pipe, device or socket): save the image to a file"
+    ]
+
+
+def test_an_answer_longer_than_the_context_is_capped_with_a_notice(tiny, images, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Describe it\n"))
+    code = main(["chat", str(images[0]), *_cli(tiny), "--max-new-tokens", "1000000000"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip()
+    assert "max_new_tokens 1000000000 does not fit the model's context of 1024 tokens" in err

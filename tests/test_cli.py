@@ -111,7 +111,7 @@ def test_original_tower_is_announced_and_differs(tiny, images, capsys):
     ("tower", "mismatch"),
     [
         ("clip_wide", "hidden size 48 where the LLaVA needs 32"),
-        ("clip_large_images", "image size 64 where the LLaVA needs 32"),
+        ("clip_large_images", "image size 96 where the LLaVA needs 64"),
         ("clip_coarse_patches", "patch size 16 where the LLaVA needs 8"),
     ],
 )
@@ -209,7 +209,54 @@ def test_stdin_twice_is_bad_usage(tiny, monkeypatch, capsys):
     assert "can be given only once" in capsys.readouterr().err
 
 
-def test_generation_flags_are_checked_before_the_model_loads(images, capsys):
-    code = main(["caption", str(images[0]), "--model", "/nonexistent", "--top-p", "0"])
+def test_generation_settings_are_checked_before_the_model_loads(images, tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model: /nonexistent\ngeneration:\n  top_p: 0\n")
+    code = main(["caption", str(images[0]), "--preset", str(preset)])
     assert code == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["caption", str(images[0]), "--model", "/nonexistent", "--top-p", "0"])
+    assert caught.value.code == 2
+    assert "argument --top-p: must be above 0 and at most 1, got 0" in capsys.readouterr().err
+
+
+def test_pipes_and_devices_are_skipped_and_the_rest_captioned(tiny, images, tmp_path, capsys):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    code, out, err = _run(
+        capsys, ["caption", str(fifo), "/dev/zero", "/dev/urandom", str(images[0]), *_models(tiny)]
+    )
+    assert code == 1
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(images[0])]
+    assert err.splitlines() == [
+        f"safellava: skipped {path}: not a regular file (a pipe, device or socket): save the image to a file"
+        for path in (fifo, "/dev/zero", "/dev/urandom")
+    ]
+
+
+def test_max_new_tokens_beyond_the_context_is_capped_with_one_notice(tiny, images, capsys):
+    code, out, err = _run(
+        capsys, ["caption", str(images[0]), *_models(tiny), "--max-new-tokens", "1000000000"]
+    )
+    assert code == 0 and out.strip()
+    assert err.startswith(
+        "safellava: max_new_tokens 1000000000 does not fit the model's context of 1024 tokens after a "
+    )
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--top-p"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_not_a_number_is_a_flag_error(images, capsys, flag, value):
+    with pytest.raises(SystemExit) as caught:
+        main(["caption", str(images[0]), flag, value, "--model", "/nonexistent"])
+    assert caught.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_a_hub_that_cannot_be_reached_says_what_to_do(images, capsys):
+    code, _, err = _run(capsys, ["caption", str(images[0]), "--model", "no-such-org/no-such-llava"])
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "the Hugging Face hub cannot be reached and no-such-org/no-such-llava is not in its cache" in err
+    assert "HF_HUB_OFFLINE=1" in err and "scripts/make_tiny_checkpoints.py" in err

@@ -16,12 +16,12 @@ from safellava.config import (
 from safellava.errors import UsageError
 
 MODEL_TABLE = {
-    "llava-1.5-7b": ("llava-hf/llava-1.5-7b-hf", "llava"),
-    "llava-1.5-13b": ("llava-hf/llava-1.5-13b-hf", "llava"),
-    "llava-1.6-mistral-7b": ("llava-hf/llava-v1.6-mistral-7b-hf", "mistral"),
-    "llava-1.6-vicuna-7b": ("llava-hf/llava-v1.6-vicuna-7b-hf", "vicuna"),
-    "llava-1.6-vicuna-13b": ("llava-hf/llava-v1.6-vicuna-13b-hf", "vicuna"),
-    "llava-1.6-34b": ("llava-hf/llava-v1.6-34b-hf", "chatml"),
+    "llava-1.5-7b": ("llava-hf/llava-1.5-7b-hf", "llava_v1"),
+    "llava-1.5-13b": ("llava-hf/llava-1.5-13b-hf", "llava_v1"),
+    "llava-1.6-mistral-7b": ("llava-hf/llava-v1.6-mistral-7b-hf", "mistral_instruct"),
+    "llava-1.6-vicuna-7b": ("llava-hf/llava-v1.6-vicuna-7b-hf", "llava_v1"),
+    "llava-1.6-vicuna-13b": ("llava-hf/llava-v1.6-vicuna-13b-hf", "llava_v1"),
+    "llava-1.6-34b": ("llava-hf/llava-v1.6-34b-hf", "chatml_direct"),
 }
 
 
@@ -123,3 +123,34 @@ def test_preset_values_of_the_wrong_type(tmp_path, text, message):
 def test_unknown_library_options_are_usage_errors(safe_llava, images):
     with pytest.raises(UsageError, match="unknown option bogus"):
         safe_llava.caption(str(images[0]), bogus=1)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)
+    ]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"model: [{', '.join(levels)}]\n")
+    with pytest.raises(UsageError) as caught:
+        load_preset(str(path))
+    assert "YAML aliases (*a0) are not allowed in presets" in str(caught.value)
+    assert len(str(caught.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"\xff\xfe\x00\x01binary", "is not UTF-8 text"), (b"# " + b"x" * 70_000 + b"\n", "is over 64 KiB")],
+)
+def test_a_preset_that_is_not_a_preset_file(tmp_path, content, message):
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        load_preset(str(path))
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-1"])
+def test_temperature_must_be_a_finite_number(tmp_path, value):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"generation:\n  temperature: {value}\n")
+    with pytest.raises(UsageError, match="temperature must be 0"):
+        load_preset(str(path))

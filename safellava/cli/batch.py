@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..writers import FORMATS
-from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, print_line, say
+from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, print_line, printable, say
 from .options import add_generation, add_model, generation_overrides, positive_int
 
 HELP = "caption every image in a folder (resumable)"
@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     found.add_argument("--shard", help="K/N: caption only the K-th of N deterministic parts (1 <= K <= N)")
     found.add_argument("--max-pixels", type=positive_int, help="refuse larger images (default 64000000)")
+    found.add_argument(
+        "--max-batch-pixels",
+        type=positive_int,
+        help="cut a batch before its decoded images exceed this many pixels (default 128000000)",
+    )
     found.add_argument(
         "--overwrite", action="store_true", help="recaption images that already have a caption"
     )
@@ -60,12 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _batch_options(args: argparse.Namespace) -> Any:
-    from ..batch import DEFAULT_EXTENSIONS, BatchOptions, parse_shard
+    from ..batch import DEFAULT_EXTENSIONS, DEFAULT_MAX_BATCH_PIXELS, BatchOptions, parse_shard
     from ..images import DEFAULT_MAX_PIXELS
 
-    extensions = (
-        tuple(e.strip() for e in args.ext.split(",") if e.strip()) if args.ext else DEFAULT_EXTENSIONS
-    )
+    extensions = DEFAULT_EXTENSIONS
+    if args.ext is not None:
+        extensions = tuple(name for part in args.ext.split(",") if (name := part.strip().lstrip(".")))
     return BatchOptions(
         root=args.folder,
         recursive=args.recursive,
@@ -80,12 +85,26 @@ def _batch_options(args: argparse.Namespace) -> Any:
         workers=args.workers,
         shard=parse_shard(args.shard) if args.shard else (1, 1),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        max_batch_pixels=args.max_batch_pixels or DEFAULT_MAX_BATCH_PIXELS,
     )
+
+
+MAX_PROMPT_BYTES = 2**20  # far beyond any LLaVA's context; the prompt's tokens are checked against it too
 
 
 def _read_prompt_file(path: str) -> str:
     try:
-        prompt = Path(path).read_text(encoding="utf-8").strip()
+        if not Path(path).exists():
+            raise UsageError(f"--prompt-file {path} does not exist")
+        if not Path(path).is_file():
+            raise UsageError(f"--prompt-file {path} is not a plain file")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_PROMPT_BYTES + 1)
+        if len(raw) > MAX_PROMPT_BYTES:
+            raise UsageError(
+                f"--prompt-file {path} is over 1 MiB: a prompt that long fits no model's context"
+            )
+        prompt = raw.decode("utf-8").strip()
     except OSError as exc:
         raise UsageError(f"--prompt-file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -128,6 +147,15 @@ class ProgressReport:
             self.bar.close()
 
 
+def plan_scope(options: Any) -> str:
+    """Where images were looked for, in words (for a run that found none)."""
+    where = f"none with {','.join(options.extensions)} in {options.root}"
+    if not options.recursive:
+        where += " (subfolders need --recursive)"
+    index, count = options.shard
+    return where + (f", in shard {index}/{count}" if count > 1 else "")
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan the folder, then caption what is left, writing as it goes."""
     from ..batch import BatchCaptioner, open_writer, plan_folder
@@ -144,18 +172,21 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_folder(options, writer)
     if args.dry_run:
         for item in plan.todo:
-            print_line(f"caption\t{item.name}")
+            print_line(f"caption\t{printable(item.name)}")
         for item in plan.skipped:
-            print_line(f"skip\t{item.name}")
+            print_line(f"skip\t{printable(item.name)}")
         for item, reason in plan.refused:
-            print_line(f"refuse\t{item.name}\t{reason}")
+            print_line(f"refuse\t{printable(item.name)}\t{printable(reason)}")
         say(
             f"dry run: {len(plan.todo)} to caption, {len(plan.skipped)} already captioned, "
             f"{len(plan.refused)} refused"
         )
         return EXIT_OK
     if not plan.todo and not plan.refused:
-        say(f"nothing to caption: {len(plan.skipped)} images already captioned (--overwrite redoes them)")
+        if plan.skipped:
+            say(f"nothing to caption: {len(plan.skipped)} images already captioned (--overwrite redoes them)")
+        else:
+            say(f"no images to caption: {plan_scope(options)}")
         return EXIT_OK
     model = load_model(args)
     captioner = BatchCaptioner(model, options, model.generation_options(**generation_overrides(args)), writer)

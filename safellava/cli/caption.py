@@ -7,8 +7,8 @@ import json
 import sys
 
 from ..errors import UsageError
-from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, open_images, print_line, say
-from .options import add_generation, add_model, generation_overrides
+from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, open_images, print_line, printable, say
+from .options import add_generation, add_model, add_show_prompt, generation_overrides, prompt_line
 
 HELP = "caption or ask about images"
 DESCRIPTION = "Caption images (or answer --prompt about them) and print the results."
@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The caption command's flags."""
     add_model(parser)
     add_generation(parser)
+    add_show_prompt(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files; '-' reads one from stdin")
     parser.add_argument("--json", action="store_true", help="one JSON object per line per image")
     parser.add_argument(
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_SOME_FAILED
     model = load_model(args)
     options = model.generation_options(**generation_overrides(args))
+    if args.show_prompt:
+        print(prompt_line(model.engine.caption_prompt(options)), file=sys.stderr, flush=True)
     if args.stream:
         for chunk in model.stream(opened[0][1], **generation_overrides(args)):
             sys.stdout.write(chunk)
@@ -49,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print_line(json.dumps(model.record(name, caption, options).to_dict(), ensure_ascii=False))
             else:
-                print_line(f"{name}: {caption}" if several else caption)
+                print_line(f"{printable(name)}: {caption}" if several else caption)
     return EXIT_SOME_FAILED if failures else EXIT_OK

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from .common import EXIT_OK, EXIT_SOME_FAILED, PROG, load_model, say
-from .options import add_generation, add_model, generation_overrides
+from .options import add_generation, add_model, add_show_prompt, generation_overrides, prompt_line
 
 HELP = "talk about an image, turn by turn"
 DESCRIPTION = (
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The chat command's flags."""
     add_model(parser)
     add_generation(parser, batched=False)
+    add_show_prompt(parser)
     parser.add_argument("image", nargs="?", metavar="IMAGE", help="the image to talk about (or /image later)")
 
 
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     model = load_model(args)
     session = ChatSession(model, model.generation_options(**generation_overrides(args)))
+    if args.show_prompt:
+        session.on_prompt = lambda prompt: print(prompt_line(prompt), file=sys.stderr, flush=True)
     if image is not None:
         session.set_image(image, name=args.image)
     interactive = sys.stdin.isatty()

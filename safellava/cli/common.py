@@ -14,35 +14,60 @@ PROG = "safellava"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # bad usage and unloadable models: 2 (errors.py)
 
 
+def printable(text: str) -> str:
+    """``text`` on one line: newlines and other control characters written as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def say(message: str) -> None:
     """One line on stderr, prefixed with the program's name."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def load_model(args: argparse.Namespace) -> Any:
     """Load the model the arguments describe (the library call behind every command)."""
     from .. import logs
+    from ..export import baked_tower
     from ..loader import load
 
     # Flags and preset are checked before minutes of loading, and the preset may choose the tower.
     options, _, _ = resolved(args)
     logs.configure(args.verbose)
-    if options.uses_original_tower:
+    baked = baked_tower(options) if options.uses_original_tower else None
+    if options.uses_original_tower and baked is None:
         say("using the checkpoint's original CLIP vision tower, not Safe-CLIP (--vision-tower original)")
-    return load(args.preset, **model_overrides(args))
+    loaded = load(args.preset, **model_overrides(args))
+    if baked is not None:
+        say(describe_baked_tower(options.model, baked, loaded.tower_fingerprint))
+    return loaded
+
+
+def describe_baked_tower(model: str, baked: dict[str, Any], fingerprint: str) -> str:
+    """What the tower of an exported model really is, checked against the fingerprint it was exported with."""
+    if baked.get("merged_tower_fingerprint") == fingerprint:
+        return (
+            f"{model} is a safellava export: its tower is {baked['vision_tower']} (Safe-CLIP), baked in; "
+            f"fingerprint {fingerprint} verified"
+        )
+    return (
+        f"{model} has a safellava.json naming the tower {baked['vision_tower']}, but its tower weights are not "
+        "the ones exported (fingerprint mismatch): running the checkpoint's own tower, which may not be Safe-CLIP"
+    )
 
 
 def open_images(sources: Sequence[str]) -> tuple[list[tuple[str, Any]], int]:
     """Open every image; report each bad one in a line on stderr. Returns (opened, failures)."""
     from ..errors import ImageError
-    from ..images import load_image
+    from ..images import load_image, read_limited
 
     if sources.count("-") > 1:
         raise UsageError("'-' (stdin) can be given only once")
     opened, failures = [], 0
     for source in sources:
         try:
-            data: Any = sys.stdin.buffer.read() if source == "-" else source
+            data: Any = read_limited(sys.stdin.buffer, "<stdin>") if source == "-" else source
             image = load_image(data)
         except ImageError as exc:
             say(f"skipped {source if source != '-' else '<stdin>'}: {exc.reason}")

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..config import ORIGINAL_TOWER
+from ..errors import IncompatibleTowerError
 from .common import EXIT_OK, print_line
 from .options import add_model, resolved
 
@@ -38,7 +39,8 @@ def info_text(report: dict[str, Any]) -> str:
         f"preset          {report['preset'] or '-'}",
         f"model           {model['id']} (revision {model['revision'] or 'default'}, commit {model['commit'] or '-'})",
         f"family          {model['family']} ({model['language_model']} language model), vision_feature_layer {model['vision_feature_layer']}",
-        f"prompt          {'chat template of the checkpoint' if model['chat_template'] else 'built-in format'}; built-in format {model['prompt_format']}",
+        f"prompt format   {model['prompt_format']}{'' if model['prompt_format'] == 'checkpoint' else ' (as LLaVA renders it)'}; checkpoint chat template {'present' if model['chat_template'] else 'absent'}",
+        f"images          {'padded to a square, as LLaVA does' if model['pads_images'] else 'as the checkpoint processor prepares them'}",
     ]
     if tower["id"] == ORIGINAL_TOWER:
         lines.append("vision tower    original: the checkpoint's own CLIP (not Safe-CLIP)")
@@ -92,4 +94,5 @@ def run(args: argparse.Namespace) -> int:
     options, _, preset = resolved(args)
     report = setup_report(options, preset=preset, load=args.load)
     print_line(json.dumps(report, indent=2) if args.json else info_text(report))
-    return EXIT_OK
+    # A script checking fit needs the answer in the exit code too.
+    return EXIT_OK if report["vision_tower"]["fits"] else IncompatibleTowerError.exit_code

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from ..config import (
     DEFAULT_PRESET,
     DTYPE_CHOICES,
     ORIGINAL_TOWER,
-    PROMPT_FORMATS,
     QUANTIZE_CHOICES,
     GenerationOptions,
     ModelOptions,
     available_presets,
     resolve_options,
 )
+from ..prompts import ALIASES, PROMPT_FORMATS
 
 MODEL_FLAGS = tuple(ModelOptions.__dataclass_fields__)
 GENERATION_FLAGS = tuple(GenerationOptions.__dataclass_fields__)
@@ -38,8 +39,15 @@ def _seed(text: str) -> int:
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
     return value
 
 
@@ -76,8 +84,18 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=DTYPE_CHOICES, help="auto: float16 on CUDA, float32 on the CPU")
     group.add_argument(
         "--prompt-format",
-        choices=PROMPT_FORMATS,
-        help="built-in prompt format, used only when the checkpoint has no chat template",
+        choices=(*PROMPT_FORMATS, *ALIASES),
+        metavar="{" + ",".join(PROMPT_FORMATS) + "}",
+        help="auto (default): the conversation template the model was trained with, as LLaVA's own code "
+        "renders it; checkpoint: the checkpoint's chat template",
+    )
+    group.add_argument(
+        "--no-pad",
+        dest="pad_images",
+        action="store_false",
+        default=None,
+        help="LLaVA-1.5: centre-crop images as the llava-hf processor does, instead of padding them to a "
+        "square as LLaVA itself does",
     )
 
 
@@ -90,10 +108,26 @@ def add_generation(parser: argparse.ArgumentParser, batched: bool = True) -> Non
     group.add_argument(
         "--temperature", type=_non_negative_float, help="0 (default) is greedy; above 0 samples"
     )
-    group.add_argument("--top-p", type=float, help="nucleus sampling mass, when sampling")
+    group.add_argument("--top-p", type=_probability, help="nucleus sampling mass, when sampling")
     group.add_argument("--seed", type=_seed, help="random seed, for reproducible sampling")
     if batched:
         group.add_argument("--batch-size", type=positive_int, help="images per generate call")
+
+
+def add_show_prompt(parser: argparse.ArgumentParser) -> None:
+    """``--show-prompt``: each prompt text, exactly as it goes to the tokenizer, on stderr."""
+    parser.add_argument(
+        "--show-prompt",
+        action="store_true",
+        help='before generating, write each exact prompt text to stderr as one line: prompt: "..." (JSON)',
+    )
+
+
+def prompt_line(prompt: str) -> str:
+    """How ``--show-prompt`` writes a prompt: one line, the text as a JSON string."""
+    import json
+
+    return "prompt: " + json.dumps(prompt, ensure_ascii=False)
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
