@@ -17,6 +17,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "llava-1.5-7b"
 ORIGINAL_TOWER = "original"  # --vision-tower original: keep the checkpoint's own CLIP
 SAFE_CLIP_336 = "aimagelab/safeclip_vit-l_14_336"
+SAFE_CLIP_224 = "aimagelab/safeclip_vit-l_14"  # the paper's tower, for the LLaMA-2 lightning LLaVA
 
 QUANTIZE_CHOICES = ("none", "4bit", "8bit")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")

@@ -9,6 +9,7 @@ and ``preprocessor_config.json``), the chat template, a model card and ``safella
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -32,7 +33,10 @@ PROVENANCE_FILE = "safellava.json"
 
 
 def check_exportable(options: ModelOptions) -> None:
-    """Refuse setups that have nothing to merge or cannot be written in full precision."""
+    """Refuse setups that have nothing to merge, cannot be written in full precision, or have no llava-hf form."""
+    from .original import is_original_format, read_raw_config
+    from .weights import missing_folder
+
     if options.quantize != "none":
         raise UsageError(
             f"cannot export a {options.quantize}-quantized model: export in float16 or bfloat16 "
@@ -40,6 +44,18 @@ def check_exportable(options: ModelOptions) -> None:
         )
     if options.uses_original_tower:
         raise UsageError("export writes the Safe-CLIP model: --vision-tower original has nothing to merge")
+    raw = None if missing_folder(options.model) else read_raw_config(options.model, options.revision)
+    if raw is not None and is_original_format(raw):
+        if (raw.get("mm_projector_type") or "linear") == "linear":
+            raise UsageError(
+                f"{options.model} has a linear projector, which the llava-hf layout has no place for (its "
+                "projector is two layers): safellava runs it as it is, but cannot export it"
+            )
+        if raw.get("mm_use_im_start_end"):
+            raise UsageError(
+                f"{options.model} wraps images in <im_start>/<im_end>, which llava-hf processors do not: "
+                "safellava runs it as it is, but cannot export it"
+            )
 
 
 def check_target(out_dir: Path, force: bool, sources: tuple[str, ...] = ()) -> None:
@@ -76,10 +92,11 @@ def merged_tower_fingerprint(loaded: SafeLlava, state: dict[str, Any], dtype: st
     """The fingerprint of the tower as this export stores it (``dtype``), named as the tower's own weights."""
     import torch
 
+    from .families import HF_TOWER_KEY
     from .vision import fingerprint, stock_tower_tensors
 
     target = getattr(torch, dtype)
-    tensors = stock_tower_tensors(state, loaded.family.stock_tower_key)
+    tensors = stock_tower_tensors(state, HF_TOWER_KEY)
     return fingerprint({name: tensor.detach().to("cpu", target) for name, tensor in tensors.items()})
 
 
@@ -231,12 +248,54 @@ def write_processor(processor: Any, folder: Path) -> None:
         )
 
 
-def _write_config(loaded: SafeLlava, folder: Path, dtype: str) -> None:
-    config = loaded.model.config.__class__.from_dict(loaded.model.config.to_dict())
+VOCAB_MULTIPLE = 64  # the llava-hf conversions pad the vocabulary to a multiple of 64
+
+
+def _llava_hf_parts(loaded: SafeLlava, state: dict[str, Any]) -> tuple[Any, Any]:
+    """The config and processor of the export, and ``state`` completed, in the llava-hf form.
+
+    The processor carries the original's conversation format as its chat template (unless the model
+    runs with ``--prompt-format checkpoint``). An original-format checkpoint gets what llava-hf
+    conversions add: ``<image>`` and ``<pad>`` tokens, the vocabulary padded to a multiple of 64
+    (new rows of the embeddings and the head are the mean of the existing ones, so a new token is
+    never the most likely one), and a ``LlavaProcessor``.
+    """
+    import torch
+
+    from .chat_templates import CHAT_TEMPLATES
+    from .families import ORIGINAL
+
+    config = copy.deepcopy(loaded.model.config)
     config.architectures = [loaded.family.model_class]
-    config.dtype = dtype
-    config.save_pretrained(folder)
-    loaded.model.generation_config.save_pretrained(folder)
+    if hasattr(config, "original"):
+        del config.original
+    template = CHAT_TEMPLATES.get(loaded.prompt_format, getattr(loaded.processor, "chat_template", None))
+    if loaded.family is not ORIGINAL:
+        processor = copy.deepcopy(loaded.processor)
+        processor.chat_template = template
+        return config, processor
+    from transformers import LlavaProcessor
+
+    tokenizer = copy.deepcopy(loaded.processor.tokenizer)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        weight = state[name]
+        extra = weight.float().mean(dim=0, keepdim=True).to(weight.dtype).expand(size - weight.shape[0], -1)
+        state[name] = torch.cat([weight, extra])
+    config.text_config.vocab_size = size
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    processor = LlavaProcessor(
+        image_processor=loaded.processor.image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
+    return config, processor
 
 
 def _ordinary_permissions(folder: Path) -> None:
@@ -266,8 +325,10 @@ def export(
     info = provenance(loaded, dtype)
     state = hub_state_dict(loaded)
     info["merged_tower_fingerprint"] = merged_tower_fingerprint(loaded, state, dtype)
+    config, processor = _llava_hf_parts(loaded, state)
+    config.dtype = dtype
     try:
-        return _write_export(loaded, info, state, target, dtype, max_shard_size)
+        return _write_export(loaded, info, state, config, processor, target, dtype, max_shard_size)
     except OSError as exc:
         raise output_error(target, exc, "choose another OUT_DIR") from None
 
@@ -276,15 +337,18 @@ def _write_export(
     loaded: SafeLlava,
     info: dict[str, Any],
     state: dict[str, Any],
+    config: Any,
+    processor: Any,
     target: Path,
     dtype: str,
     max_shard_size: Any,
 ) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        _write_config(loaded, staging, dtype)
+        config.save_pretrained(staging)
+        loaded.model.generation_config.save_pretrained(staging)
         write_weights(state, staging, dtype, max_shard_size)
-        write_processor(loaded.processor, staging)
+        write_processor(processor, staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         card = model_card(
             info, _base_license(loaded.options.model, loaded.options.revision), loaded.family.model_class

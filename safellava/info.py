@@ -10,7 +10,7 @@ from typing import Any
 from .config import ModelOptions
 from .errors import ModelLoadError
 from .families import Family
-from .loader import load_processor, read_llava_config
+from .loader import read_llava_config, tower_to_load
 from .vision import fit_problems, fitting_tower_hint, read_tower_config, tower_fingerprint
 from .weights import resolve_weight_files, resolved_commit
 
@@ -91,21 +91,23 @@ def weight_memory(counts: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _tower_section(options: ModelOptions, llava_config: Any, load: bool) -> tuple[dict[str, Any], Any]:
+def _tower_section(
+    options: ModelOptions, llava_config: Any, source: tuple[str, str | None] | None, load: bool
+) -> tuple[dict[str, Any], Any]:
     """What info says of the tower, and the vision config of the tower that will run."""
-    if options.uses_original_tower:
+    if source is None:  # the stock tower inside the checkpoint
         return {
             "id": "original",
             "fits": True,
             "problems": [],
             "fingerprint": None,
         }, llava_config.vision_config
-    tower = read_tower_config(options.vision_tower, options.tower_revision)
+    tower = read_tower_config(*source)
     problems = fit_problems(llava_config, tower.config)
     section: dict[str, Any] = {
-        "id": options.vision_tower,
-        "revision": options.tower_revision,
-        "commit": resolved_commit(options.vision_tower, options.tower_revision),
+        "id": options.vision_tower if not options.uses_original_tower else f"original: {source[0]}",
+        "revision": source[1],
+        "commit": resolved_commit(*source),
         "fits": not problems,
         "problems": problems,
         "fits_hint": None if not problems else fitting_tower_hint(llava_config),
@@ -116,8 +118,7 @@ def _tower_section(options: ModelOptions, llava_config: Any, load: bool) -> tupl
         "fingerprint": None,
     }
     try:
-        files = resolve_weight_files(options.vision_tower, options.tower_revision, local_only=not load)
-        section["fingerprint"] = tower_fingerprint(tower, files)
+        section["fingerprint"] = tower_fingerprint(tower, resolve_weight_files(*source, local_only=not load))
     except ModelLoadError as exc:
         section["fingerprint_note"] = (
             f"not computed: {exc} (weights are read only when on disk, or with --load)"
@@ -137,9 +138,15 @@ def tower_parameters(tower_config: Any) -> int:
 def setup_report(options: ModelOptions, preset: str | None = None, load: bool = False) -> dict[str, Any]:
     """Everything ``safellava info`` reports, as a JSON-ready dict."""
     config, family = read_llava_config(options)
-    processor = load_processor(options, family)
-    tower, tower_config = _tower_section(options, config, load)
+    tower, tower_config = _tower_section(options, config, tower_to_load(options, config, family), load)
+    pads = family.pads(config) and options.pad_images
+    processor = family.load_processor(options, config, tower_config, pads)
     counts = parameter_counts(config, family)
+    if getattr(config, "original", {}).get("projector") == "linear":
+        # The identity that stands in for a linear projector's missing second layer is not the model's.
+        identity = config.text_config.hidden_size * (config.text_config.hidden_size + 1)
+        counts["projector"] -= identity
+        counts["total"] -= identity
     # The tower that runs is counted, fitting or not; the rest is the LLaVA's.
     running = tower_parameters(tower_config)
     counts["total"] += running - counts["vision_tower"]
@@ -150,13 +157,14 @@ def setup_report(options: ModelOptions, preset: str | None = None, load: bool = 
             "id": options.model,
             "revision": options.revision,
             "commit": resolved_commit(options.model, options.revision),
-            "family": config.model_type,
+            "family": family.name,
             "language_model": config.text_config.model_type,
             "chat_template": bool(getattr(processor, "chat_template", None)),
             "prompt_format": family.default_format(config, processor.tokenizer)
             if options.prompt_format == "auto"
             else options.prompt_format,
-            "pads_images": family.pads_images and options.pad_images,
+            "pads_images": pads,
+            "original_pads_images": family.pads(config),
             "vision_feature_layer": config.vision_feature_layer,
         },
         "vision_tower": tower,

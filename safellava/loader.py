@@ -12,23 +12,29 @@ from .devices import Placement, resolve_placement
 from .errors import ModelLoadError, load_failure
 from .families import Family, family_of
 from .model import SafeLlava
-from .vision import check_tower_fits, read_tower_config, stock_tower_tensors, tower_state_dict
+from .vision import TowerSpec, check_tower_fits, read_tower_config, stock_tower_tensors, tower_state_dict
 from .weights import PICKLE_REFUSED, missing_folder, open_lazy_state_dict, resolve_weight_files
 
 
 def read_llava_config(options: ModelOptions) -> tuple[Any, Family]:
     """The LLaVA checkpoint's config and family, refusing anything that is not a known LLaVA."""
-    from transformers import AutoConfig
+    from .original import read_raw_config
 
     if missing_folder(options.model):
         raise ModelLoadError(f"model folder {options.model} does not exist")
-    try:
-        config = AutoConfig.from_pretrained(options.model, revision=options.revision)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"cannot load model {options.model}: {load_failure(options.model, exc)}"
-        ) from None
-    return config, family_of(config, options.model)
+    raw = read_raw_config(options.model, options.revision)
+    if raw is None:
+        raise ModelLoadError(f"cannot load model {options.model}: it has no config.json")
+    family = family_of(raw, options.model)
+    return family.read_config(raw, options.model, options.revision), family
+
+
+def tower_to_load(options: ModelOptions, config: Any, family: Family) -> tuple[str, str | None] | None:
+    """The tower checkpoint to put into the model, and its revision; None for the stock tower inside it."""
+    if not options.uses_original_tower:
+        return options.vision_tower, options.tower_revision
+    source = family.stock_tower_source(config)
+    return None if source is None else (source, None)
 
 
 def quantization_config(quantize: str, dtype: Any, family: Family) -> Any:
@@ -46,42 +52,6 @@ def quantization_config(quantize: str, dtype: Any, family: Family) -> Any:
             llm_int8_skip_modules=list(family.not_quantized),
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(family.not_quantized))
-
-
-def load_processor(options: ModelOptions, family: Family) -> Any:
-    """The checkpoint's processor as the original preprocesses: PIL image processing, padding where it pads.
-
-    Tokens are padded on the left for batched generation.
-    """
-    from transformers import AutoProcessor
-
-    try:
-        # The PIL backend, as the original LLaVA's CLIPImageProcessor, also where torchvision is installed.
-        processor = AutoProcessor.from_pretrained(options.model, revision=options.revision, backend="pil")
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(
-            f"cannot load the processor of {options.model}: {load_failure(options.model, exc)}"
-        ) from None
-    processor.tokenizer.padding_side = "left"
-    if family.pads_images and options.pad_images:
-        processor.image_processor = padding_image_processor(processor.image_processor)
-    return processor
-
-
-def padding_image_processor(image_processor: Any) -> Any:
-    """The same image processor, padding each image to a square of the mean colour first.
-
-    That is the original's ``expand2square(image, tuple(int(x * 255) for x in image_mean))``
-    followed by the CLIP processor: nothing of a wide or tall image is cropped away.
-    """
-    from transformers import LlavaImageProcessorPil
-
-    settings = {
-        k: v
-        for k, v in image_processor.to_dict().items()
-        if k not in ("image_processor_type", "processor_class")
-    }
-    return LlavaImageProcessorPil(**{**settings, "do_pad": True})
 
 
 def _load_kwargs(options: ModelOptions, placement: Placement, family: Family) -> dict[str, Any]:
@@ -107,20 +77,25 @@ def _from_pretrained(model_class: Any, name: str, *args: Any, **kwargs: Any) -> 
         raise ModelLoadError(f"cannot load model {name}: {load_failure(name, exc)}") from None
 
 
-def _load_with_tower(family: Family, config: Any, options: ModelOptions, placement: Placement) -> Any:
+def _load_with_tower(
+    family: Family,
+    config: Any,
+    options: ModelOptions,
+    placement: Placement,
+    tower: TowerSpec,
+    revision: str | None,
+) -> Any:
     """One ``from_pretrained`` pass over the LLaVA's weights with the tower's in place of its own.
 
     The stock tower's tensors are never read and the tower's text half never leaves the disk:
     both checkpoints are opened lazily and only the kept tensors are materialized.
     """
-    tower = read_tower_config(options.vision_tower, options.tower_revision)
-    check_tower_fits(config, tower, options.model)
     llava_files = resolve_weight_files(options.model, options.revision)
-    tower_files = resolve_weight_files(options.vision_tower, options.tower_revision)
+    tower_files = resolve_weight_files(tower.source, revision)
     config = copy.deepcopy(config)
     config.vision_config = copy.deepcopy(tower.config)
     with open_lazy_state_dict(llava_files) as llava, open_lazy_state_dict(tower_files) as clip:
-        state = {key: value for key, value in llava.items() if not family.stock_tower_key.match(key)}
+        state = family.state_to_load(llava, config)
         state.update(tower_state_dict(clip, tower, family.tower_prefix))
         model, info = _from_pretrained(
             family.model_type(),
@@ -131,7 +106,7 @@ def _load_with_tower(family: Family, config: Any, options: ModelOptions, placeme
             output_loading_info=True,
             **_load_kwargs(options, placement, family),
         )
-    _check_tower_loaded(info, options.vision_tower, family.tower_prefix)
+    _check_tower_loaded(info, tower.source, family.tower_prefix)
     model.config.name_or_path = options.model
     _load_generation_config(model, options)
     return model
@@ -170,6 +145,7 @@ def load(
     device: str | None = None,
     dtype: str | None = None,
     prompt_format: str | None = None,
+    pad_images: bool | None = None,
     **generation: Any,
 ) -> SafeLlava:
     """Load a LLaVA with the Safe-CLIP tower (or ``vision_tower="original"``), ready to caption.
@@ -187,13 +163,19 @@ def load(
         device=device,
         dtype=dtype,
         prompt_format=prompt_format,
+        pad_images=pad_images,
         **generation,
     )
     placement = resolve_placement(options.device, options.dtype, options.quantize)
 
     config, family = read_llava_config(options)
-    processor = load_processor(options, family)
-    if options.uses_original_tower:
+    source = tower_to_load(options, config, family)
+    tower = None if source is None else read_tower_config(*source)
+    if tower is not None:
+        check_tower_fits(config, tower, options.model)
+    pad = family.pads(config) and options.pad_images
+    processor = family.load_processor(options, config, tower.config if tower else config.vision_config, pad)
+    if tower is None:  # the stock tower inside the checkpoint
         loaded = _from_pretrained(
             family.model_type(),
             options.model,
@@ -202,7 +184,7 @@ def load(
             **_load_kwargs(options, placement, family),
         )
     else:
-        loaded = _load_with_tower(family, config, options, placement)
+        loaded = _load_with_tower(family, config, options, placement, tower, source[1])
     loaded.eval()
 
     prompt_format = options.prompt_format
@@ -217,26 +199,42 @@ def load(
         prompt_format=prompt_format,
         generation=generation_options,
         preset=preset_name,
+        tower_source=source,
+        pads_images=pad,
     )
 
 
 def load_original_tower(loaded: SafeLlava) -> Any:
-    """The LLaVA checkpoint's own CLIP tower, as a module beside the loaded model (for compare).
+    """The LLaVA's own CLIP tower, as a module beside the loaded model (for compare).
 
-    Only the stock tower's tensors are read; it gets the device and dtype of the loaded tower.
+    Only the stock tower's tensors are read (from the checkpoint, or from the tower checkpoint an
+    original-format LLaVA names); it gets the device and dtype of the loaded tower.
     """
     from transformers import CLIPVisionModel
 
     config, family = read_llava_config(loaded.options)
     reference = next(family.tower(loaded.model).parameters())
-    files = resolve_weight_files(loaded.options.model, loaded.options.revision)
-    with open_lazy_state_dict(files) as llava:
+    source = family.stock_tower_source(config)
+    if source is None:
+        files, vision_config = (
+            resolve_weight_files(loaded.options.model, loaded.options.revision),
+            config.vision_config,
+        )
+    else:
+        stock = read_tower_config(source)
+        files, vision_config = resolve_weight_files(source), stock.config
+    with open_lazy_state_dict(files) as checkpoint:
+        state = (
+            stock_tower_tensors(checkpoint, family.stock_tower_key)
+            if source is None
+            else tower_state_dict(checkpoint, stock)
+        )
         tower, info = _from_pretrained(
             CLIPVisionModel,
             f"{loaded.options.model} (its own vision tower)",
             None,
-            config=config.vision_config,
-            state_dict=stock_tower_tensors(llava, family.stock_tower_key),
+            config=vision_config,
+            state_dict=state,
             output_loading_info=True,
             dtype=reference.dtype,
             device_map={"": reference.device},

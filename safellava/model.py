@@ -27,6 +27,10 @@ class SafeLlava:
     prompt_format: str  # built-in format used when the checkpoint has no chat template
     generation: GenerationOptions = field(default_factory=GenerationOptions)  # defaults
     preset: str | None = None
+    tower_source: tuple[str, str | None] | None = (
+        None  # the tower checkpoint loaded in, and its revision; None: the stock one inside
+    )
+    pads_images: bool = False  # images padded to a square before the processor, as the original
     engine: Engine = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,12 +56,11 @@ class SafeLlava:
         from .vision import read_tower_config, stock_tower_fingerprint, tower_fingerprint
         from .weights import resolve_weight_files
 
-        options = self.options
-        if options.uses_original_tower:
-            files = resolve_weight_files(options.model, options.revision)
+        if self.tower_source is None:
+            files = resolve_weight_files(self.options.model, self.options.revision)
             return stock_tower_fingerprint(self.family.stock_tower_key, files)
-        tower = read_tower_config(options.vision_tower, options.tower_revision)
-        return tower_fingerprint(tower, resolve_weight_files(options.vision_tower, options.tower_revision))
+        tower = read_tower_config(*self.tower_source)
+        return tower_fingerprint(tower, resolve_weight_files(*self.tower_source))
 
     @functools.cached_property
     def provenance(self) -> Provenance:

@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import SAFE_CLIP_336
+from .config import SAFE_CLIP_224, SAFE_CLIP_336
 from .errors import IncompatibleTowerError, ModelLoadError, load_failure
 
 _VISION_HALF = "vision_model."
 _TOP_LEVEL_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-_SAFE_CLIP_SHAPE = {"hidden_size": 1024, "image_size": 336, "patch_size": 14}
+# The shapes of the Safe-CLIP towers, to name the one that fits a LLaVA.
+_SAFE_CLIP_TOWERS = {
+    (1024, 336, 14): f"ViT-L/14-336, such as {SAFE_CLIP_336}",
+    (1024, 224, 14): f"ViT-L/14 at 224 px, such as {SAFE_CLIP_224}",
+}
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,10 @@ def fit_problems(llava_config: Any, tower_config: Any) -> list[str]:
 def fitting_tower_hint(llava_config: Any) -> str:
     """Which tower would fit this LLaVA, in words."""
     vision = llava_config.vision_config
-    shape = {k: getattr(vision, k) for k in _SAFE_CLIP_SHAPE}
-    hint = (
-        f"a CLIP ViT with hidden size {shape['hidden_size']}, image size {shape['image_size']} "
-        f"and patch size {shape['patch_size']}"
-    )
-    if shape == _SAFE_CLIP_SHAPE:
-        hint += f" (ViT-L/14-336, such as {SAFE_CLIP_336})"
+    shape = (vision.hidden_size, vision.image_size, vision.patch_size)
+    hint = f"a CLIP ViT with hidden size {shape[0]}, image size {shape[1]} and patch size {shape[2]}"
+    if shape in _SAFE_CLIP_TOWERS:
+        hint += f" ({_SAFE_CLIP_TOWERS[shape]})"
     return hint
 
 

@@ -84,6 +84,15 @@ class TinyCheckpoints:
     clip_wide: Path  # CLIPModel with a different hidden size
     clip_large_images: Path  # CLIPModel with a different image size
     clip_coarse_patches: Path  # CLIPModel with a different patch size
+    original_v15: (
+        Path  # original-format LLaVA-1.5 (LlavaLlamaForCausalLM): mlp2x_gelu projector, padded images
+    )
+    original_lightning: (
+        Path  # original-format, as the paper's LLaMA-2 lightning model: linear projector, 32 px
+    )
+    safeclip_224: Path  # the Safe-CLIP stand-in that fits original_lightning (the paper's 224 px tower)
+    clip_stock: Path  # the stock CLIP that original_v15 names as its mm_vision_tower
+    clip_stock_224: Path  # the stock CLIP that original_lightning names (its weights are also inside it)
 
 
 def train_tokenizer(out_dir: Path, seed: int = 0):
@@ -300,6 +309,114 @@ def build_clip(out_dir: Path, seed: int, vision_only: bool = False, **vision_ove
     return out_dir
 
 
+ORIGINAL_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "legacy": False,
+    "model_max_length": 2048,
+    "padding_side": "right",
+}
+
+
+def build_original(
+    out_dir: Path,
+    sentencepiece_model: Path,
+    stock_tower: Path,
+    *,
+    projector: str = "mlp2x_gelu",
+    image_aspect_ratio: str | None = "pad",
+    model_type: str = "llava_llama",
+    seed: int = 0,
+    shards: int = 2,
+    stock_tower_inside: bool = False,
+) -> Path:
+    """Write an original-format LLaVA checkpoint (haotian-liu/LLaVA's ``LlavaLlamaForCausalLM``).
+
+    As the liuhaotian/* repos: ``mm_*`` config keys, LLaMA weights as ``model.*`` and ``lm_head.*``,
+    the projector as ``model.mm_projector.*`` (``0``/``2`` for ``mlp2x_gelu``), ``pytorch_model-*.bin``
+    shards with ``pytorch_model.bin.index.json``, a sentencepiece tokenizer without an ``<image>``
+    token; ``stock_tower_inside`` adds the stock tower's weights under
+    ``model.vision_tower.vision_tower.*`` as some finetunes ship them.
+    """
+    import shutil
+
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    vision = CLIPVisionConfig.from_pretrained(stock_tower)
+    vocab = _sentencepiece_vocab(sentencepiece_model)
+    text = LlamaConfig(vocab_size=len(vocab), bos_token_id=1, eos_token_id=2, pad_token_id=0, **TINY_TEXT)
+    torch.manual_seed(seed)
+    language = LlamaForCausalLM(text)
+    hidden = text.hidden_size
+    if projector == "mlp2x_gelu":
+        layers = {"0": torch.nn.Linear(vision.hidden_size, hidden), "2": torch.nn.Linear(hidden, hidden)}
+        last = layers["2"]
+        projection = {
+            f"model.mm_projector.{i}.{n}": t
+            for i, layer in layers.items()
+            for n, t in layer.state_dict().items()
+        }
+    else:
+        last = torch.nn.Linear(vision.hidden_size, hidden)
+        projection = {f"model.mm_projector.{n}": t for n, t in last.state_dict().items()}
+    with torch.no_grad():
+        last.weight.mul_(8.0)  # the image steers the caption, as in _shape_tiny_model
+        language.lm_head.weight[[i for piece, i in vocab.items() if piece.startswith("<0x")]] = 0.0
+    state = {**language.state_dict(), **{k: v.detach().clone() for k, v in projection.items()}}
+    if stock_tower_inside:
+        tower = CLIPVisionModel.from_pretrained(stock_tower).state_dict()
+        state.update({f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in tower.items()})
+    state = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(state)
+    weight_map = {}
+    for index in range(shards):
+        filename = f"pytorch_model-{index + 1:05d}-of-{shards:05d}.bin"
+        part = names[index::shards]
+        torch.save({k: state[k] for k in part}, out_dir / filename)
+        weight_map.update(dict.fromkeys(part, filename))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out_dir / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
+    config = {
+        **{k: v for k, v in text.to_dict().items() if k not in ("architectures", "transformers_version")},
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": model_type,
+        "mm_hidden_size": vision.hidden_size,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_tower": str(stock_tower),
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "torch_dtype": "float16",
+    }
+    if projector != "linear":
+        config["mm_projector_type"] = projector
+    if image_aspect_ratio is not None:
+        config["image_aspect_ratio"] = image_aspect_ratio
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copy(sentencepiece_model, out_dir / "tokenizer.model")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(ORIGINAL_TOKENIZER_CONFIG, indent=2) + "\n")
+    special = {k: ORIGINAL_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return out_dir
+
+
+def _sentencepiece_vocab(model: Path) -> dict[str, int]:
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    return {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+
+
 def build_all(out_dir: Path | str) -> TinyCheckpoints:
     """Build every tiny checkpoint under ``out_dir`` and return their folders."""
     import torch
@@ -322,6 +439,22 @@ def build_all(out_dir: Path | str) -> TinyCheckpoints:
     build_clip(out / "clip_wide", seed=4, hidden_size=48)
     build_clip(out / "clip_large_images", seed=5, image_size=96)
     build_clip(out / "clip_coarse_patches", seed=6, patch_size=16)
+    build_clip(out / "clip_stock", seed=7)
+    build_clip(out / "clip_stock_224", seed=8, image_size=32)
+    build_clip(out / "safeclip_224", seed=9, image_size=32)
+    sentencepiece = out / "tokenizer" / "tokenizer.model"
+    original = out / "original"
+    build_original(original / "llava-v1.5-tiny", sentencepiece, out / "clip_stock", seed=10)
+    build_original(
+        original / "llava-llama-2-tiny-chat-lightning-preview",
+        sentencepiece,
+        out / "clip_stock_224",
+        projector="linear",
+        image_aspect_ratio=None,
+        model_type="llava",
+        seed=11,
+        stock_tower_inside=True,
+    )
     paths = TinyCheckpoints(
         llava=out / "llava",
         llava_next=out / "llava_next",
@@ -330,6 +463,11 @@ def build_all(out_dir: Path | str) -> TinyCheckpoints:
         clip_wide=out / "clip_wide",
         clip_large_images=out / "clip_large_images",
         clip_coarse_patches=out / "clip_coarse_patches",
+        original_v15=original / "llava-v1.5-tiny",
+        original_lightning=original / "llava-llama-2-tiny-chat-lightning-preview",
+        safeclip_224=out / "safeclip_224",
+        clip_stock=out / "clip_stock",
+        clip_stock_224=out / "clip_stock_224",
     )
     (out / "index.json").write_text(
         json.dumps({k: str(v) for k, v in paths.__dict__.items()}, indent=2) + "\n"

@@ -93,3 +93,29 @@ def load_tiny(tiny, family="llava", tower=None, **kwargs):
         max_new_tokens=MAX_NEW_TOKENS,
         **kwargs,
     )
+
+
+@pytest.fixture(scope="session")
+def safe_original(tiny):
+    """Tiny original-format LLaVA-1.5 (mlp2x_gelu, padded images) with the Safe-CLIP stand-in."""
+    import safellava
+
+    return safellava.load(
+        model=str(tiny.original_v15),
+        vision_tower=str(tiny.safeclip),
+        device="cpu",
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+
+
+@pytest.fixture(scope="session")
+def safe_lightning(tiny):
+    """Tiny original-format lightning LLaVA (linear projector, 32 px) with the 224-px Safe-CLIP stand-in."""
+    import safellava
+
+    return safellava.load(
+        model=str(tiny.original_lightning),
+        vision_tower=str(tiny.safeclip_224),
+        device="cpu",
+        max_new_tokens=MAX_NEW_TOKENS,
+    )

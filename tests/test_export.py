@@ -16,9 +16,11 @@ from transformers import (
 )
 
 from safellava import export as export_module
+from safellava.chat_templates import CHAT_TEMPLATES
 from safellava.cli import main
 from safellava.errors import UsageError
 from safellava.export import export
+from safellava.prompts import single_turn, to_chat_messages
 from safellava.writers import ordinary_mode
 
 from .conftest import MAX_NEW_TOKENS, load_tiny
@@ -36,7 +38,13 @@ def test_export_round_trip_with_plain_transformers(tiny, images, tmp_path, famil
     target = export(safe, tmp_path / "merged", dtype="float32")
     model = CLASSES[family].from_pretrained(target)
     processor = AutoProcessor.from_pretrained(target)
-    assert processor.chat_template == safe.processor.chat_template
+    # The original conversation format, as a chat template that renders what safellava renders.
+    assert processor.chat_template == CHAT_TEMPLATES[safe.prompt_format]
+    turns = single_turn("Describe this image.")
+    rendered = processor.apply_chat_template(
+        to_chat_messages(turns), add_generation_prompt=True, tokenize=False
+    )
+    assert rendered == safe.engine.render(turns)
     expected = CLIPVisionModel.from_pretrained(tiny.safeclip).state_dict()
     for key, tensor in model.model.vision_tower.state_dict().items():
         assert torch.equal(tensor, expected[key]), key
@@ -212,3 +220,9 @@ def test_an_export_run_with_its_own_tower_says_what_that_tower_is(tiny, images, 
     save_file(state, weights, metadata={"format": "pt"})
     assert main(["caption", str(images[0]), *flags]) == 0
     assert "fingerprint mismatch" in capsys.readouterr().err
+
+
+def test_an_export_made_with_the_checkpoint_template_keeps_it(tiny, tmp_path):
+    safe = load_tiny(tiny, prompt_format="checkpoint")
+    target = export(safe, tmp_path / "merged")
+    assert AutoProcessor.from_pretrained(target).chat_template == safe.processor.chat_template

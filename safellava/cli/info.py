@@ -32,6 +32,14 @@ def _human_bytes(count: int) -> str:
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
+def _images_line(model: dict[str, Any]) -> str:
+    if model["pads_images"]:
+        return "padded to a square, as LLaVA does"
+    if model["original_pads_images"]:
+        return "centre-cropped as llava-hf does (--no-pad); LLaVA itself pads them to a square"
+    return "as LLaVA prepares them for this model (not padded)"
+
+
 def info_text(report: dict[str, Any]) -> str:
     """The report as aligned lines for people."""
     model, tower, params = report["model"], report["vision_tower"], report["parameters"]
@@ -40,7 +48,7 @@ def info_text(report: dict[str, Any]) -> str:
         f"model           {model['id']} (revision {model['revision'] or 'default'}, commit {model['commit'] or '-'})",
         f"family          {model['family']} ({model['language_model']} language model), vision_feature_layer {model['vision_feature_layer']}",
         f"prompt format   {model['prompt_format']}{'' if model['prompt_format'] == 'checkpoint' else ' (as LLaVA renders it)'}; checkpoint chat template {'present' if model['chat_template'] else 'absent'}",
-        f"images          {'padded to a square, as LLaVA does' if model['pads_images'] else 'as the checkpoint processor prepares them'}",
+        f"images          {_images_line(model)}",
     ]
     if tower["id"] == ORIGINAL_TOWER:
         lines.append("vision tower    original: the checkpoint's own CLIP (not Safe-CLIP)")
