@@ -22,6 +22,7 @@ SAFE_CLIP_224 = "aimagelab/safeclip_vit-l_14"  # the paper's tower, for the LLaM
 QUANTIZE_CHOICES = ("none", "4bit", "8bit")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+MAX_STOP_SEQUENCES = 4  # as the OpenAI API
 MAX_PRESET_BYTES = 64 * 1024  # a preset is a few lines; anything bigger is not one
 
 
@@ -36,8 +37,14 @@ class GenerationOptions:
     seed: int | None = None  # set before each generate call, for reproducible sampling
     batch_size: int = 4  # images per generate call
     system: str | None = None  # system prompt, for the families that have one
+    stop: tuple[str, ...] = ()  # up to 4 texts that end an answer where they appear (not included)
 
     def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        if len(self.stop) > MAX_STOP_SEQUENCES or not all(isinstance(t, str) and t for t in self.stop):
+            raise UsageError(
+                f"stop takes up to {MAX_STOP_SEQUENCES} non-empty texts, got {list(self.stop)!r}"
+            )
         if self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -139,7 +146,9 @@ def _from_mapping(cls: type, data: Any, where: str) -> Any:
 
 
 def _fits_type(value: Any, hint: Any) -> bool:
-    """Whether a YAML value fits a field's type: str, int, float (ints too) or optional ones."""
+    """Whether a YAML value fits a field's type: str, int, float (ints too), a list of texts, or optional ones."""
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
         return type(None) in allowed
@@ -151,6 +160,8 @@ def _fits_type(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list of texts"
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     names = {
         str: "text",

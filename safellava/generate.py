@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .config import GenerationOptions
@@ -25,6 +26,22 @@ log = logging.getLogger("safellava")
 OOM_MESSAGE = (
     "out of GPU memory even for one image: try --quantize 4bit, a smaller model or a lower --max-new-tokens"
 )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer and what it took."""
+
+    text: str  # without special tokens and surrounding whitespace, cut before a stop text
+    prompt_tokens: int  # the prompt's tokens, the image's included (no padding)
+    completion_tokens: int  # tokens generated, an end-of-sequence token included
+    finish_reason: str  # "stop": ended by the model or a stop text; "length": max_new_tokens reached
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to the first stop text, and whether one was found."""
+    cuts = [index for index in (text.find(s) for s in stop) if index != -1]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def generation_kwargs(options: GenerationOptions, tokenizer: Any) -> dict[str, Any]:
@@ -39,6 +56,8 @@ def generation_kwargs(options: GenerationOptions, tokenizer: Any) -> dict[str, A
         kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if options.stop:
+        kwargs.update(stop_strings=list(options.stop), tokenizer=tokenizer)
     return kwargs
 
 
@@ -157,6 +176,16 @@ class Engine:
 
     def generate(self, inputs: Any, options: GenerationOptions) -> list[str]:
         """One ``generate`` call on prepared inputs; the decoded answers, stripped."""
+        return [answer.text for answer in self.answer(inputs, options)]
+
+    def end_token_ids(self) -> set[int]:
+        """The tokens that end an answer."""
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        return ids | ({self.processor.tokenizer.eos_token_id} - {None})
+
+    def answer(self, inputs: Any, options: GenerationOptions) -> list[Answer]:
+        """One ``generate`` call on prepared inputs: each answer with its token counts and why it ended."""
         import torch
         from transformers import set_seed
 
@@ -166,8 +195,21 @@ class Engine:
             set_seed(options.seed)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **generation_kwargs(options, self.processor.tokenizer))
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        prompt_length = inputs["input_ids"].shape[1]
+        new_tokens = output[:, prompt_length:]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        ends = self.end_token_ids()
+        pad = generation_kwargs(options, self.processor.tokenizer)["pad_token_id"]
+        answers = []
+        for row, text, prompt in zip(new_tokens.tolist(), texts, prompt_tokens, strict=True):
+            while row and row[-1] == pad and pad not in ends:  # a row that finished before the others
+                row.pop()
+            ended = next((i + 1 for i, token in enumerate(row) if token in ends), None)
+            text, stopped = cut_at_stop(text, options.stop)
+            reason = "stop" if ended is not None or stopped else "length"
+            answers.append(Answer(text.strip(), int(prompt), ended or len(row), reason))
+        return answers
 
     def sizer(self, batch_size: int) -> BatchSizer:
         """The batch sizer for a requested size: an out-of-memory cut holds while the same size is asked for."""
@@ -255,6 +297,9 @@ class StreamingAnswer:
         stop_event = threading.Event()
         self._stop_event = stop_event
         self.prompt_tokens = int(inputs["input_ids"].shape[1])
+        self._stop_texts = options.stop
+        self._max_new_tokens = options.max_new_tokens
+        self.hit_stop_text = False
         self._streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._error: BaseException | None = None
         self._output: Any = None
@@ -287,13 +332,27 @@ class StreamingAnswer:
             self._streamer.end()
 
     def __iter__(self) -> Iterator[str]:
-        """The answer's text as it comes, without the whitespace it starts with."""
+        """The answer's text as it comes, without the whitespace it starts with, ending before a stop text."""
+        held = ""  # text that could be the start of a stop text, not yet given out
+        keep = max((len(text) for text in self._stop_texts), default=1) - 1
         for chunk in self._streamer:
-            if not self.chunks:
+            if not self.chunks and not held:
                 chunk = chunk.lstrip()
-            if chunk:
-                self.chunks.append(chunk)
-                yield chunk
+            held += chunk
+            held, found = cut_at_stop(held, self._stop_texts)
+            ready, held = (
+                (held, "") if found else (held[: len(held) - keep], held[len(held) - keep :] if keep else "")
+            )
+            if ready:
+                self.chunks.append(ready)
+                yield ready
+            if found:
+                self.hit_stop_text = True
+                self.stop()
+                return
+        if held:
+            self.chunks.append(held)
+            yield held
         self._finish()
 
     def stop(self) -> None:
@@ -326,3 +385,10 @@ class StreamingAnswer:
     def num_tokens(self) -> int:
         """Number of tokens generated (known once generation has ended)."""
         return 0 if self._output is None else int(self._output.shape[1] - self.prompt_tokens)
+
+    @property
+    def finish_reason(self) -> str:
+        """``stop`` (the model ended, a stop text, or ``stop()``) or ``length`` (max_new_tokens reached)."""
+        if self.stopped or self.hit_stop_text or self.num_tokens < self._max_new_tokens:
+            return "stop"
+        return "length"

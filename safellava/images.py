@@ -39,7 +39,7 @@ def read_limited(stream: BinaryIO, name: str, limit: int = MAX_IMAGE_BYTES) -> b
     return data
 
 
-def _read_file(path: str, name: str) -> bytes:
+def read_file(path: str, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
     """A regular file's bytes; FIFOs, devices and sockets are refused without blocking on them."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then tells what was opened.
@@ -60,7 +60,7 @@ def _read_file(path: str, name: str) -> bytes:
         raise ImageError(name, "not a regular file (a pipe, device or socket): save the image to a file")
     with os.fdopen(handle, "rb") as file:
         try:
-            return read_limited(file, name)
+            return read_limited(file, name, limit)
         except OSError as exc:
             raise ImageError(name, f"cannot read ({exc.strerror or exc})") from None
 
@@ -78,7 +78,7 @@ def _read_source(source: str | os.PathLike | bytes, name: str) -> bytes:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ImageError(name, f"cannot download ({reason})") from None
-    return _read_file(os.fsdecode(text), name)
+    return read_file(os.fsdecode(text), name)
 
 
 def _allow_pixels(max_pixels: int) -> None:

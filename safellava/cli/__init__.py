@@ -16,7 +16,7 @@ from ..errors import SafeLlavaError, first_line
 from .common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, PROG, say
 from .options import add_common, resolved
 
-COMMANDS = ("caption", "chat", "batch", "compare", "export", "info")
+COMMANDS = ("caption", "chat", "batch", "compare", "export", "info", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
