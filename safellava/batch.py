@@ -260,6 +260,57 @@ class Progress:
         return self.done / self.seconds if self.seconds else 0.0
 
 
+class RunLog:
+    """Writes a run's records and failures as they come, and keeps its progress (any way of captioning).
+
+    The errors file lists this run's failures only (a rerun retries earlier ones); it is removed when
+    nothing failed.
+    """
+
+    def __init__(
+        self,
+        options: BatchOptions,
+        writer: Writer,
+        plan: BatchPlan,
+        on_progress: Callable[[Progress], None] | None,
+    ):
+        self.options = options
+        self.writer = writer
+        self.on_progress = on_progress
+        self.errors = error_log(options)
+        self.started = time.perf_counter()
+        self.progress = Progress(0, len(plan.todo) + len(plan.refused), 0, 0, len(plan.skipped), 0.0)
+        self._refused = [(item.name, reason) for item, reason in plan.refused]
+
+    def __enter__(self) -> RunLog:
+        self.errors.reset()
+        self.add([], self._refused, report=False)
+        return self
+
+    def add(self, records: list[CaptionRecord], failures: list[tuple[str, str]], report: bool = True) -> None:
+        """Write a batch's records and failures (image name, reason), then report progress."""
+        if records:
+            self.writer.write(records)
+        if failures:
+            self.errors.write({"image": name, "error": reason} for name, reason in failures)
+        self.progress.captioned += len(records)
+        self.progress.failed += len(failures)
+        self.progress.done += len(records) + len(failures)
+        self.progress.seconds = time.perf_counter() - self.started
+        if report and self.on_progress is not None:
+            self.on_progress(self.progress)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.errors.close()
+        if exc[0] is None and not self.progress.failed:
+            # Nothing failed this time: an errors file of an earlier run would list stale failures.
+            self.options.errors_path.unlink(missing_ok=True)
+        self.progress.seconds = time.perf_counter() - self.started
+
+
 @dataclass
 class Prepared:
     """A batch ready for ``generate``: the images that opened, their inputs, and the failures.
@@ -347,44 +398,20 @@ class BatchCaptioner:
 
     def run(self, plan: BatchPlan, on_progress: Callable[[Progress], None] | None = None) -> Progress:
         """Caption ``plan.todo``, writing captions and failures after every batch."""
-        errors = error_log(self.options)
-        errors.reset()  # failures of earlier runs are retried, so only this run's are listed
-        started = time.perf_counter()
-        progress = Progress(0, len(plan.todo) + len(plan.refused), 0, 0, len(plan.skipped), 0.0)
-
-        def record_failures(failures: list[tuple[Item, str]]) -> None:
-            errors.write({"image": item.name, "error": reason} for item, reason in failures)
-            progress.failed += len(failures)
-            progress.done += len(failures)
-
-        try:
-            record_failures(plan.refused)
+        with RunLog(self.options, self.writer, plan, on_progress) as log:
             for prepared in self._prefetched(plan.todo):
-                failures = list(prepared.failures)
+                failures = [(item.name, reason) for item, reason in prepared.failures]
                 records = []
                 if prepared.items:
                     reopened = Reopened(prepared.items, self.options.max_pixels)
                     captions = self.engine.caption(reopened, self.generation, prepared.inputs)
                     for item, caption in zip(prepared.items, captions, strict=True):
                         if caption is None:
-                            failures.append((item, OOM_MESSAGE))
+                            failures.append((item.name, OOM_MESSAGE))
                         else:
                             records.append(self._record(item, caption))
-                self.writer.write(records)
-                progress.captioned += len(records)
-                progress.done += len(records)
-                record_failures(failures)
-                progress.seconds = time.perf_counter() - started
-                if on_progress is not None:
-                    on_progress(progress)
-        finally:
-            self.writer.close()
-            errors.close()
-        if not progress.failed:
-            # Nothing failed this time: an errors file of an earlier run would list stale failures.
-            self.options.errors_path.unlink(missing_ok=True)
-        progress.seconds = time.perf_counter() - started
-        return progress
+                log.add(records, failures)
+        return log.progress
 
     def _record(self, item: Item, caption: str) -> CaptionRecord:
         caption = f"{self.options.prefix}{caption}{self.options.suffix}"

@@ -59,7 +59,8 @@ def check_exportable(options: ModelOptions) -> None:
 
 
 def check_target(out_dir: Path, force: bool, sources: tuple[str, ...] = ()) -> None:
-    """Refuse a file, a non-empty folder unless ``force``, and any folder holding a source or the cwd."""
+    """Refuse a file, a folder holding a source or the cwd, and a non-empty folder unless it is an earlier
+    export and ``force`` is given: nothing else is ever deleted."""
     resolved = out_dir.resolve()
     for source in (*sources, "."):
         source_path = Path(source).expanduser()
@@ -70,8 +71,14 @@ def check_target(out_dir: Path, force: bool, sources: tuple[str, ...] = ()) -> N
             raise UsageError(f"cannot export to {out_dir}: it holds {what}, which --force would delete")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UsageError(f"{out_dir} is not empty: choose another folder or pass --force to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / PROVENANCE_FILE).is_file():
+            raise UsageError(
+                f"{out_dir} is not empty and not an earlier export (no {PROVENANCE_FILE}): choose another "
+                "folder (--force replaces only an earlier export)"
+            )
+        if not force:
+            raise UsageError(f"{out_dir} holds an earlier export: pass --force to replace it")
     if not out_dir.parent.is_dir():
         raise UsageError(f"cannot export to {out_dir}: folder {out_dir.parent} does not exist")
 

@@ -103,28 +103,60 @@ class BatchSizer:
         return results
 
 
-class Engine:
+class BaseEngine:
+    """What every engine shares: the prompt in the model's format and the batch sizer."""
+
+    prompt_format: str
+    _sizer: BatchSizer | None = None
+
+    def render(self, turns: Sequence[Turn]) -> str:
+        """The prompt text for a conversation, ending where the assistant's answer begins."""
+        raise NotImplementedError
+
+    def caption_prompt(self, options: GenerationOptions) -> str:
+        """The prompt text for captioning one image with ``options.prompt`` (and its system prompt)."""
+        return self.render(single_turn(options.prompt, options.system))
+
+    def sizer(self, batch_size: int) -> BatchSizer:
+        """The batch sizer for a requested size: an out-of-memory cut holds while the same size is asked for."""
+        if self._sizer is None or self._sizer.requested != batch_size:
+            self._sizer = BatchSizer(batch_size)
+        return self._sizer
+
+    def caption(
+        self, images: Sequence[Any], options: GenerationOptions, prepared: Any = None
+    ) -> list[str | None]:
+        """Captions of RGB images; ``None`` for one that does not fit in memory even alone."""
+        raise NotImplementedError
+
+    def caption_all(self, images: Sequence[Any], options: GenerationOptions) -> list[str]:
+        """Captions of RGB images; ``OutOfMemoryError`` if one does not fit even alone."""
+        captions = self.caption(images, options)
+        if any(caption is None for caption in captions):
+            raise OutOfMemoryError(OOM_MESSAGE)
+        return [caption for caption in captions if caption is not None]
+
+
+class Engine(BaseEngine):
     """One loaded LLaVA and its processor, turning conversations and images into text."""
 
     def __init__(self, model: Any, processor: Any, prompt_format: str):
         self.model = model
         self.processor = processor
         self.prompt_format = prompt_format
-        self._sizer: BatchSizer | None = None
+        self._sizer = None
         self._local = threading.local()
-        self._main_thread = threading.get_ident()
+        # The thread itself, not its id: ids are reused once a thread ends (the loading thread of the
+        # server does), and a shared tokenizer must not be used from two threads.
+        self._owner = threading.current_thread()
         self._capped: set[int] = set()  # max_new_tokens values already reported as capped
 
     def render(self, turns: Sequence[Turn]) -> str:
         """The prompt text for a conversation, ending where the assistant's answer begins."""
         return render_prompt(self.processor, turns, self.prompt_format)
 
-    def caption_prompt(self, options: GenerationOptions) -> str:
-        """The prompt text for captioning one image with ``options.prompt`` (and its system prompt)."""
-        return self.render(single_turn(options.prompt, options.system))
-
     def _thread_processor(self) -> Any:
-        if threading.get_ident() == self._main_thread:
+        if threading.current_thread() is self._owner:
             return self.processor
         if getattr(self._local, "processor", None) is None:
             # A private copy per thread: a shared tokenizer is not safe across threads.
@@ -211,12 +243,6 @@ class Engine:
             answers.append(Answer(text.strip(), int(prompt), ended or len(row), reason))
         return answers
 
-    def sizer(self, batch_size: int) -> BatchSizer:
-        """The batch sizer for a requested size: an out-of-memory cut holds while the same size is asked for."""
-        if self._sizer is None or self._sizer.requested != batch_size:
-            self._sizer = BatchSizer(batch_size)
-        return self._sizer
-
     def caption(
         self, images: Sequence[Any], options: GenerationOptions, prepared: Any = None
     ) -> list[str | None]:
@@ -240,13 +266,6 @@ class Engine:
         return sizer.run(
             images, lambda chunk: self.generate(self.prepare(chunk, [prompt] * len(chunk)), options)
         )
-
-    def caption_all(self, images: Sequence[Any], options: GenerationOptions) -> list[str]:
-        """Captions of RGB images; ``OutOfMemoryError`` if one does not fit even alone."""
-        captions = self.caption(images, options)
-        if any(caption is None for caption in captions):
-            raise OutOfMemoryError(OOM_MESSAGE)
-        return [caption for caption in captions if caption is not None]
 
     def stream(
         self,

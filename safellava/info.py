@@ -139,7 +139,7 @@ def setup_report(options: ModelOptions, preset: str | None = None, load: bool = 
     """Everything ``safellava info`` reports, as a JSON-ready dict."""
     config, family = read_llava_config(options)
     tower, tower_config = _tower_section(options, config, tower_to_load(options, config, family), load)
-    pads = family.pads(config) and options.pad_images
+    pads = family.pads(config) and options.pad_images  # as loader.check_setup, which refuses a misfit
     processor = family.load_processor(options, config, tower_config, pads)
     counts = parameter_counts(config, family)
     if getattr(config, "original", {}).get("projector") == "linear":
@@ -177,7 +177,9 @@ def setup_report(options: ModelOptions, preset: str | None = None, load: bool = 
         from .loader import load as load_model
 
         started = time.perf_counter()
-        loaded = load_model(preset, **dataclasses.asdict(options))
+        loaded = load_model(
+            None, **dataclasses.asdict(options)
+        )  # the options are whole; a preset here is only a name
         report["loaded"] = {
             "seconds": round(time.perf_counter() - started, 2),
             "quantize": options.quantize,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import pickle
+from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelOptions, Preset, resolve_options
@@ -27,6 +28,29 @@ def read_llava_config(options: ModelOptions) -> tuple[Any, Family]:
         raise ModelLoadError(f"cannot load model {options.model}: it has no config.json")
     family = family_of(raw, options.model)
     return family.read_config(raw, options.model, options.revision), family
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A model setup checked from configs alone: what will load, before any weight is read."""
+
+    config: Any  # the LLaVA's transformers config
+    family: Family
+    tower_source: (
+        tuple[str, str | None] | None
+    )  # the tower checkpoint to put in, and its revision; None: its own
+    tower: TowerSpec | None  # that tower's config (checked to fit)
+    pads_images: bool  # images padded to a square first, as the original (and --no-pad allows)
+
+
+def check_setup(options: ModelOptions) -> Setup:
+    """Read the configs and check that the tower fits: the errors a load would end with, in seconds."""
+    config, family = read_llava_config(options)
+    source = tower_to_load(options, config, family)
+    tower = None if source is None else read_tower_config(*source)
+    if tower is not None:
+        check_tower_fits(config, tower, options.model)
+    return Setup(config, family, source, tower, family.pads(config) and options.pad_images)
 
 
 def tower_to_load(options: ModelOptions, config: Any, family: Family) -> tuple[str, str | None] | None:
@@ -168,12 +192,10 @@ def load(
     )
     placement = resolve_placement(options.device, options.dtype, options.quantize)
 
-    config, family = read_llava_config(options)
-    source = tower_to_load(options, config, family)
-    tower = None if source is None else read_tower_config(*source)
-    if tower is not None:
-        check_tower_fits(config, tower, options.model)
-    pad = family.pads(config) and options.pad_images
+    setup = check_setup(options)
+    config, family, source, tower, pad = (
+        setup.config, setup.family, setup.tower_source, setup.tower, setup.pads_images
+    )  # fmt: skip
     processor = family.load_processor(options, config, tower.config if tower else config.vision_config, pad)
     if tower is None:  # the stock tower inside the checkpoint
         loaded = _from_pretrained(
@@ -184,6 +206,7 @@ def load(
             **_load_kwargs(options, placement, family),
         )
     else:
+        assert source is not None
         loaded = _load_with_tower(family, config, options, placement, tower, source[1])
     loaded.eval()
 

@@ -31,10 +31,11 @@ class SafeLlava:
         None  # the tower checkpoint loaded in, and its revision; None: the stock one inside
     )
     pads_images: bool = False  # images padded to a square before the processor, as the original
-    engine: Engine = field(init=False, repr=False)
+    engine: Any = field(default=None, repr=False)  # an Engine on model and processor, unless given (vLLM)
 
     def __post_init__(self) -> None:
-        self.engine = Engine(self.model, self.processor, self.prompt_format)
+        if self.engine is None:
+            self.engine = Engine(self.model, self.processor, self.prompt_format)
 
     @property
     def model_id(self) -> str:

@@ -269,7 +269,9 @@ def load_processor(
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        # With the LLaMA config: a config.json that says model_type "llava" (the lightning layout) would
+        # otherwise get a generic tokenizer that drops sentencepiece's leading space (transformers >= 5.7).
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, config=config.text_config)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {source}: {load_failure(source, exc)}") from None
     original = config.original

@@ -132,6 +132,9 @@ def to_chat_messages(turns: Sequence[Turn]) -> list[dict[str, Any]]:
 
 def render_prompt(processor: Any, turns: Sequence[Turn], prompt_format: str) -> str:
     """Prompt text for ``turns`` in an original format, or through the checkpoint's chat template."""
+    if any(IMAGE_TOKEN in turn.text for turn in turns):
+        # It would be taken for the image's place: the model would see a second, missing image.
+        raise UsageError(f"the text contains {IMAGE_TOKEN}, which stands for the image: leave it out")
     if prompt_format == CHECKPOINT:
         if not getattr(processor, "chat_template", None):
             raise UsageError(

@@ -22,6 +22,7 @@ from .errors import UsageError, output_error
 from .records import CSV_FIELDS, CaptionRecord
 
 RESUME_FIX = "choose another --output (a rerun resumes where this one stopped)"
+MAX_TORN_LINES = 1000  # lines of one caption a kill can leave unfinished at the end of a CSV file
 # The columns of CSV files written before the record gained its generation settings: still resumed.
 LEGACY_CSV_FIELDS = CSV_FIELDS[:9]
 
@@ -299,8 +300,13 @@ class CsvWriter(_AppendWriter):
 
     def __init__(self, path: Path, fields: tuple[str, ...] = CSV_FIELDS):
         super().__init__(path)
-        self.fields = fields
+        self.fields = self._wanted = fields
         self._accepted = (fields, LEGACY_CSV_FIELDS) if fields == CSV_FIELDS else (fields,)
+
+    def reset(self) -> None:
+        """Start afresh with this version's columns (an older file's are kept only when resuming it)."""
+        super().reset()
+        self.fields = self._wanted
 
     def _rows(self, data: bytes) -> list[list[str]] | None:
         try:
@@ -323,7 +329,9 @@ class CsvWriter(_AppendWriter):
         # parses as whole rows: a record cut short by a kill can only be at the end, and it either
         # lacks its final newline or stops inside a quoted caption, so it does not parse.
         end = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
-        while end > header_end:
+        for _ in range(MAX_TORN_LINES):  # a torn record is one record: never more lines than that
+            if end <= header_end:
+                return header_end + 1, []
             rows = self._rows(data[:end])
             if rows is not None:
                 short = [index for index, row in enumerate(rows) if len(row) != len(self.fields)]
@@ -336,7 +344,7 @@ class CsvWriter(_AppendWriter):
                     )
                 return end, [dict(zip(self.fields, row, strict=True)) for row in rows[1:]]
             end = data.rfind(b"\n", 0, end - 1) + 1
-        return header_end + 1, []
+        raise _not_ours(self.path, f"its last {MAX_TORN_LINES} lines do not end a record")
 
     def _serialize(self, records: list[Any], new_file: bool) -> str:
         buffer = io.StringIO()

@@ -2,6 +2,7 @@
 """Measure ``safellava batch`` throughput against the floor: the model's own ``generate`` time.
 
     python scripts/bench_batch.py            # about five minutes on 2 CPU cores
+    python scripts/bench_batch.py --backends --vllm-python .vllm-venv/bin/python   # + --ray and vLLM
 
 A folder of JPEG photos-sized images (640x480) and a small random LLaVA-1.5 checkpoint (a 6-layer
 ViT at 224 px, a 4-layer language model; large enough that generation, not decoding, dominates as
@@ -97,12 +98,61 @@ def batch_seconds(loaded, photos: Path, output: Path, batch_size: int, generatio
     return seconds
 
 
+def backend_run(
+    python: str, photos: Path, llava: Path, tower: Path, output: Path, new_tokens: int, *flags: str
+):
+    """One ``safellava batch`` command: its wall time and the images/s of its summary line."""
+    import os
+    import re
+    import subprocess
+
+    output.unlink(missing_ok=True)
+    command = [python, "-m", "safellava", "batch", str(photos), "--model", str(llava), "--vision-tower", str(tower),
+               "--format", "jsonl", "-o", str(output), "--batch-size", "16", "--max-new-tokens", str(new_tokens),
+               "--dtype", "float32", *flags]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    match = re.search(r"captioned (\d+).* in ([\d.]+)s \(([\d.]+) images/s\)", done.stderr)
+    if done.returncode != 0 or not match:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return wall, float(match.group(3))
+
+
+def backends_table(
+    photos: Path, llava: Path, tower: Path, folder: Path, new_tokens: int, vllm_python: str | None
+):
+    """images/s at batch size 16 with each way of running ``batch``, as whole commands."""
+    rows = [
+        ("transformers (default)", sys.executable, ()),
+        ("--ray (local, 1 worker)", sys.executable, ("--ray",)),
+    ]
+    if vllm_python:
+        rows.append(("--backend vllm", vllm_python, ("--backend", "vllm")))
+    print("\n| backend | images/s while captioning | whole command, load included (s) |")
+    print("|---|---|---|")
+    for name, python, flags in rows:
+        if "vllm" in name:  # the first run exports the model into the cache; the second reuses it
+            backend_run(python, photos, llava, tower, folder / "warm.jsonl", new_tokens, *flags)
+        wall, rate = backend_run(python, photos, llava, tower, folder / "backend.jsonl", new_tokens, *flags)
+        print(f"| {name} | {rate:.2f} | {wall:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64, help="images in the folder (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds per batch size (default 3)")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens per caption (default 24)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    parser.add_argument(
+        "--backends",
+        action="store_true",
+        help="also compare the default backend, --ray and (with --vllm-python) vLLM",
+    )
+    parser.add_argument(
+        "--vllm-python", help="interpreter of a venv with vLLM and safellava, for the vLLM column"
+    )
     args = parser.parse_args()
 
     import safellava
@@ -125,6 +175,8 @@ def main() -> None:
                 )
                 floors.append(floor_seconds(loaded, photos, batch_size, generation))
             rows.append((batch_size, runs, floors))
+        if args.backends:
+            backends_table(photos, llava, tower, folder, args.new_tokens, args.vllm_python)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -119,3 +119,18 @@ def safe_lightning(tiny):
         device="cpu",
         max_new_tokens=MAX_NEW_TOKENS,
     )
+
+
+def image_steers_the_answer(loaded, images, prompt) -> bool:
+    """Whether the next-token logits after ``prompt`` differ between ``images`` (the image is used).
+
+    Stronger than comparing a few greedy tokens of random tiny models, which can coincide.
+    """
+    import torch
+
+    with torch.no_grad():
+        logits = [
+            loaded.model(**loaded.processor(images=[image], text=[prompt], return_tensors="pt")).logits[0, -1]
+            for image in images
+        ]
+    return any(not torch.allclose(logits[0], other, atol=1e-4) for other in logits[1:])

@@ -92,3 +92,24 @@ def test_the_stop_criterion_answers_on_the_inputs_device():
     assert done.device.type == "meta"
     event.set()
     assert stop_when_set(event)(torch.zeros((2, 3), dtype=torch.long), None).tolist() == [True, True]
+
+
+def test_a_thread_gets_its_own_tokenizer_even_when_the_owners_id_comes_back(safe_llava):
+    import threading
+
+    from safellava.generate import Engine
+
+    made = []
+    owner = threading.Thread(
+        target=lambda: made.append(Engine(safe_llava.model, safe_llava.processor, "llava_v1"))
+    )
+    owner.start()
+    owner.join()
+    engine = made[0]
+    seen = []
+    later = threading.Thread(
+        target=lambda: seen.append(engine._thread_processor())
+    )  # may reuse the owner's id
+    later.start()
+    later.join()
+    assert seen[0] is not engine.processor

@@ -85,11 +85,16 @@ def test_export_refusals(tiny, tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    assert main(["export", str(busy), *flags]) == 2
-    assert "is not empty" in capsys.readouterr().err
-    assert (busy / "keep.txt").read_text() == "mine"
-    assert main(["export", str(busy), *flags, "--force"]) == 0
-    assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").exists()
+    for force in ([], ["--force"]):  # a folder of someone's files is never replaced, --force or not
+        assert main(["export", str(busy), *flags, *force]) == 2
+        assert "is not empty and not an earlier export" in capsys.readouterr().err
+        assert (busy / "keep.txt").read_text() == "mine"
+    earlier = tmp_path / "earlier"
+    assert main(["export", str(earlier), *flags]) == 0
+    assert main(["export", str(earlier), *flags]) == 2
+    assert "holds an earlier export: pass --force" in capsys.readouterr().err
+    assert main(["export", str(earlier), *flags, "--force"]) == 0
+    assert (earlier / "model.safetensors").exists()
     with pytest.raises(UsageError, match="quantized"):
         export(load_tiny(tiny, quantize="8bit"), tmp_path / "q8")
 

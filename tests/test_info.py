@@ -69,3 +69,11 @@ def test_info_counts_the_tower_that_was_named(tiny, tower, capsys):
     assert report["parameters"]["vision_tower"] == expected
     rest = report["parameters"]["projector"] + report["parameters"]["language_model"]
     assert report["parameters"]["total"] == expected + rest
+
+
+def test_info_load_with_a_preset_file(tiny, tmp_path, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(f"model: {tiny.llava}\nvision_tower: {tiny.safeclip}\ndevice: cpu\n")
+    assert main(["info", "--preset", str(preset), "--load", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["preset"] == "mine" and report["loaded"]["memory_footprint_bytes"] > 0

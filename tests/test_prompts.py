@@ -169,3 +169,9 @@ def test_show_prompt_in_chat_shows_every_turn(tiny, images, capsys, monkeypatch)
     assert prompts[1] == (
         PROMPTS["llava_v1"]["single_turn"] + f" {first_answer}</s>USER: What colour is the cat? ASSISTANT:"
     )
+
+
+@pytest.mark.parametrize("name", ORIGINAL_FORMATS)
+def test_the_image_placeholder_in_a_text_is_refused(name):
+    with pytest.raises(UsageError, match="contains <image>, which stands for the image"):
+        render_prompt(None, single_turn("What does <image> mean?"), name)

@@ -252,6 +252,9 @@ def test_every_error_has_the_openai_shape_and_status(server, images, media_root,
         (create(messages=[{"role": "user", "content": "x " * 3000}]), 400, "context_length_exceeded"),
         (create(temperature=-1), 400, None),
         (create(n=2), 400, None),
+        (create(messages=[{"role": ["user"], "content": "hi"}]), 400, None),
+        (create(messages=[{"role": "user", "content": "what does <image> mean in HTML?"}]), 400, None),
+        (create(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///x%00y.png"}}]}]), 400, "invalid_image_url"),
     ]  # fmt: skip
     for call, status, code in cases:
         error = _error(call)
@@ -502,3 +505,94 @@ def test_the_playground_page_in_a_real_browser(server, safe_llava, images, tmp_p
         driver.save_screenshot(os.environ.get("SAFELLAVA_SCREENSHOT", str(tmp_path / "playground.png")))
     finally:
         driver.quit()
+
+
+def _jobs(loop, count, prompts=None):
+    from safellava.config import GenerationOptions
+    from safellava.serve.worker import Job
+
+    return [
+        Job(
+            None,
+            None,
+            (prompts or ["p"] * count)[i],
+            GenerationOptions(),
+            "safe",
+            loop,
+            future=loop.create_future(),
+        )
+        for i in range(count)
+    ]
+
+
+def test_closing_refuses_every_waiting_request_at_once(safe_llava):
+    import asyncio
+
+    from safellava.serve.worker import Worker
+
+    loop = asyncio.new_event_loop()
+    try:
+        worker = Worker(safe_llava, max_queue=8)  # not started: everything waits
+        jobs = _jobs(loop, 3)
+        for job in jobs[:2]:
+            worker.submit(job)
+        worker._held.append(jobs[2])  # one taken aside while a batch was being formed
+        worker.begin_close()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [job.future.exception().status for job in jobs] == [503, 503, 503]
+    finally:
+        loop.close()
+
+
+def test_a_failing_request_in_a_batch_does_not_fail_the_others(safe_llava, monkeypatch):
+    import asyncio
+
+    from safellava.generate import Answer
+    from safellava.serve.worker import Worker
+
+    def answer(inputs, options):
+        if (isinstance(inputs, str) and inputs == "bad") or inputs is None:
+            raise ValueError("image features and tokens do not match")
+        return [Answer("fine", 1, 1, "stop")]
+
+    monkeypatch.setattr(safe_llava.engine, "answer", answer)
+    monkeypatch.setattr(
+        safe_llava.engine, "prepare", lambda images, prompts: None
+    )  # the batch fails as a whole
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = _jobs(loop, 2)
+        jobs[0].inputs, jobs[1].inputs = "good", "bad"
+        Worker(safe_llava)._answer(jobs)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert jobs[0].future.result().text == "fine"
+        assert jobs[1].future.exception().status == 500
+    finally:
+        loop.close()
+
+
+def test_serve_stops_at_once_for_a_model_that_cannot_load_or_a_port_in_use(tiny, capsys):
+    from safellava.cli import main
+
+    assert main(["serve", "--model", str(tiny.llava), "--vision-tower", str(tiny.clip_wide)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "does not fit" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert (
+            main(
+                [
+                    "serve",
+                    "--model",
+                    str(tiny.llava),
+                    "--vision-tower",
+                    str(tiny.safeclip),
+                    "--port",
+                    str(port),
+                ]
+            )
+            == 2
+        )
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -133,3 +133,29 @@ def test_a_transcript_that_cannot_be_written_names_the_file(safe_llava, tmp_path
     monkeypatch.setattr(tempfile, "mkstemp", _failing(errno.ENOSPC))
     with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'talk.json'}: No space left on device"):
         ChatSession(safe_llava, safe_llava.generation_options()).save(tmp_path / "talk.json")
+
+
+def test_overwriting_an_older_csv_writes_todays_columns(tmp_path):
+    from safellava.writers import CSV_FIELDS, LEGACY_CSV_FIELDS
+
+    path = tmp_path / "old.csv"
+    path.write_text(",".join(LEGACY_CSV_FIELDS) + "\n" + "a.png,cap,p,m,t,,,none,\n")
+    resumed = CsvWriter(path)
+    resumed.load()
+    assert resumed.fields == LEGACY_CSV_FIELDS and resumed.is_done("a.png")  # resuming keeps its columns
+    fresh = CsvWriter(path)
+    fresh.load()
+    fresh.reset()
+    fresh.write([{"image": "b.png", "caption": "new"}])
+    fresh.close()
+    assert path.read_text().splitlines()[0] == ",".join(CSV_FIELDS)
+
+
+def test_a_csv_that_does_not_end_in_a_record_is_refused_quickly(tmp_path):
+    path = tmp_path / "edited.csv"
+    from safellava.writers import CSV_FIELDS
+
+    lines = [",".join(CSV_FIELDS), 'a.png,"an unclosed quote'] + ["x" * 10 for _ in range(5000)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match="do not end a record"):
+        CsvWriter(path).load()

@@ -9,8 +9,16 @@ from typing import Any
 
 from ..errors import UsageError
 from ..writers import FORMATS
-from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, print_line, printable, say
-from .options import add_generation, add_model, generation_overrides, positive_int
+from .common import EXIT_OK, EXIT_SOME_FAILED, announce_tower, load_model, print_line, printable, say
+from .options import (
+    add_backend,
+    add_generation,
+    add_model,
+    generation_overrides,
+    model_overrides,
+    positive_int,
+    resolved,
+)
 
 HELP = "caption every image in a folder (resumable)"
 DESCRIPTION = (
@@ -61,6 +69,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--workers", type=int, default=2, help="threads decoding images ahead (default 2)")
     speed.add_argument(
         "--log-every", type=positive_int, default=100, help="progress line every N images, off a terminal"
+    )
+    add_backend(speed)
+    cluster = parser.add_argument_group("Ray (extra: safellava[ray])")
+    cluster.add_argument(
+        "--ray", action="store_true", help="caption on a Ray cluster (a local one if none is named)"
+    )
+    cluster.add_argument(
+        "--ray-address", help="the cluster to join (default: $RAY_ADDRESS, else a local Ray)"
+    )
+    cluster.add_argument(
+        "--num-workers", type=positive_int, default=1, help="actors, each with the model (default 1)"
+    )
+    cluster.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="GPUs each actor reserves (default 0)"
     )
 
 
@@ -147,6 +169,40 @@ class ProgressReport:
             self.bar.close()
 
 
+def _here(args: argparse.Namespace, plan: Any, options: Any, writer: Any, report: Any) -> Any:
+    """Caption in this process, with the model loaded here."""
+    from ..batch import BatchCaptioner
+
+    model = load_model(args)
+    captioner = BatchCaptioner(model, options, model.generation_options(**generation_overrides(args)), writer)
+    return captioner.run(plan, on_progress=report)
+
+
+def _on_ray(args: argparse.Namespace, plan: Any, options: Any, writer: Any, report: Any) -> Any:
+    """Caption on Ray: each actor loads the model the flags describe (the preset travels whole)."""
+    from .. import logs
+    from ..config import load_preset
+    from ..loader import check_setup
+    from ..ray_batch import RayOptions, require_ray, run_on_ray
+
+    require_ray()
+    model_options, generation, _ = resolved(args)
+    logs.configure(args.verbose)
+    check_setup(model_options)  # what would fail in every actor fails here, in one line
+    announce_tower(model_options)
+    if args.backend == "vllm":
+        from ..vllm_backend import ensure_export, export_dtype, require_vllm
+
+        require_vllm()
+        ensure_export(model_options, export_dtype(model_options))  # once, here, rather than in each actor
+    preset = load_preset(args.preset) if args.preset else None
+    load_options = {"preset": preset, **model_overrides(args)}
+    cluster = RayOptions(args.ray_address, args.num_workers, args.gpus_per_worker)
+    return run_on_ray(
+        plan, options, generation, load_options, writer, cluster, args.backend, report, args.verbose
+    )
+
+
 def plan_scope(options: Any) -> str:
     """Where images were looked for, in words (for a run that found none)."""
     where = f"none with {','.join(options.extensions)} in {options.root}"
@@ -158,7 +214,7 @@ def plan_scope(options: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Plan the folder, then caption what is left, writing as it goes."""
-    from ..batch import BatchCaptioner, open_writer, plan_folder
+    from ..batch import open_writer, plan_folder
 
     options = _batch_options(args)
     if args.prompt_file:
@@ -188,11 +244,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             say(f"no images to caption: {plan_scope(options)}")
         return EXIT_OK
-    model = load_model(args)
-    captioner = BatchCaptioner(model, options, model.generation_options(**generation_overrides(args)), writer)
     report = ProgressReport(len(plan.todo) + len(plan.refused), args.log_every)
     try:
-        progress = captioner.run(plan, on_progress=report)
+        progress = (
+            _on_ray(args, plan, options, writer, report)
+            if args.ray
+            else _here(args, plan, options, writer, report)
+        )
     finally:
         report.close()
     say(

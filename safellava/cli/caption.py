@@ -8,7 +8,14 @@ import sys
 
 from ..errors import UsageError
 from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, open_images, print_line, printable, say
-from .options import add_generation, add_model, add_show_prompt, generation_overrides, prompt_line
+from .options import (
+    add_backend,
+    add_generation,
+    add_model,
+    add_show_prompt,
+    generation_overrides,
+    prompt_line,
+)
 
 HELP = "caption or ask about images"
 DESCRIPTION = "Caption images (or answer --prompt about them) and print the results."
@@ -19,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model(parser)
     add_generation(parser)
     add_show_prompt(parser)
+    add_backend(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files; '-' reads one from stdin")
     parser.add_argument("--json", action="store_true", help="one JSON object per line per image")
     parser.add_argument(
@@ -30,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     """Caption the images, printing each result as its batch finishes."""
     if args.stream and (len(args.images) > 1 or args.json):
         raise UsageError("--stream takes one image and prints plain text (no --json)")
+    if args.stream and args.backend == "vllm":
+        raise UsageError("--stream is for the transformers backend")
     opened, failures = open_images(args.images)
     if not opened:
         say("no image could be read")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import UsageError
-from .options import model_overrides, resolved
+from .options import generation_overrides, model_overrides, resolved
 
 PROG = "safellava"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # bad usage and unloadable models: 2 (errors.py)
@@ -26,18 +26,29 @@ def say(message: str) -> None:
     print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
+def announce_tower(options: Any) -> dict[str, Any] | None:
+    """Say on stderr when the checkpoint's own tower will run; an export's record of its tower, if any."""
+    from ..export import baked_tower
+
+    baked = baked_tower(options) if options.uses_original_tower else None
+    if options.uses_original_tower and baked is None:
+        say("using the checkpoint's original CLIP vision tower, not Safe-CLIP (--vision-tower original)")
+    return baked
+
+
 def load_model(args: argparse.Namespace) -> Any:
     """Load the model the arguments describe (the library call behind every command)."""
     from .. import logs
-    from ..export import baked_tower
     from ..loader import load
 
     # Flags and preset are checked before minutes of loading, and the preset may choose the tower.
     options, _, _ = resolved(args)
     logs.configure(args.verbose)
-    baked = baked_tower(options) if options.uses_original_tower else None
-    if options.uses_original_tower and baked is None:
-        say("using the checkpoint's original CLIP vision tower, not Safe-CLIP (--vision-tower original)")
+    baked = announce_tower(options)
+    if getattr(args, "backend", "transformers") == "vllm":
+        from ..vllm_backend import load_vllm
+
+        return load_vllm(args.preset, **model_overrides(args), **generation_overrides(args))
     loaded = load(args.preset, **model_overrides(args))
     if baked is not None:
         say(describe_baked_tower(options.model, baked, loaded.tower_fingerprint))

@@ -8,7 +8,7 @@ import shutil
 import sys
 import textwrap
 
-from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, open_images, print_line, say
+from .common import EXIT_OK, EXIT_SOME_FAILED, load_model, open_images, print_line, printable, say
 from .options import add_generation, add_model, generation_overrides, resolved
 
 HELP = "caption images through the safe and the original tower, side by side"
@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
         for result in results:
             print_line(json.dumps(result.to_dict(), ensure_ascii=False))
     elif sys.stdout.isatty():
-        rows = [(r.image, r.safe, r.original) for r in results]
+        rows = [(printable(r.image), r.safe, r.original) for r in results]
         print_line(wrap_table(rows, ("image", f"safe ({model.vision_tower})", "original CLIP")))
     else:
         for r in results:
-            print_line(f"{r.image}\n  safe:     {r.safe}\n  original: {r.original}")
+            print_line(f"{printable(r.image)}\n  safe:     {r.safe}\n  original: {r.original}")
     return EXIT_SOME_FAILED if failures else EXIT_OK

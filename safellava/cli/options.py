@@ -114,6 +114,16 @@ def add_generation(parser: argparse.ArgumentParser, batched: bool = True) -> Non
         group.add_argument("--batch-size", type=positive_int, help="images per generate call")
 
 
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: transformers' generate (default) or vLLM's engine on the cached export."""
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers (default) or vllm: vLLM's engine on the safe model, exported once into the cache",
+    )
+
+
 def add_show_prompt(parser: argparse.ArgumentParser) -> None:
     """``--show-prompt``: each prompt text, exactly as it goes to the tokenizer, on stderr."""
     parser.add_argument(

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import ModelLoadError, UsageError
+from . import common
 from .common import EXIT_OK, say
-from .options import add_generation, add_model, generation_overrides, model_overrides, positive_int, resolved
+from .options import add_generation, add_model, generation_overrides, positive_int, resolved
 
 HELP = "serve the model over an OpenAI-compatible HTTP API (extra: safellava[serve])"
 DESCRIPTION = (
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             f"safellava serve needs its extra ({exc.name} is missing): pip install 'safellava[serve]'"
         ) from None
     from .. import logs
-    from ..loader import load
+    from ..loader import check_setup
 
     options, _, preset = resolved(args)
     if args.compare:
@@ -117,14 +118,25 @@ def run(args: argparse.Namespace) -> int:
         check_comparable(options)
     settings = _settings(args, preset or options.model)
     logs.configure(args.verbose)
+    check_setup(options)  # a model or tower that cannot load stops here, in one line, before serving
+    _check_port(args.host, args.port)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"serving on {args.host} without --api-key: anyone who reaches this port can use the model")
 
     def load_model() -> Any:
-        return load(args.preset, **model_overrides(args), **generation_overrides(args))
+        loaded = common.load_model(args)
+        loaded.generation = loaded.generation_options(**generation_overrides(args))  # the API's defaults
+        return loaded
+
+    failed: list[str] = []
+
+    def stop(reason: str) -> None:
+        failed.append(reason)
+        say(f"error: {reason}")
+        server.should_exit = True
 
     state = ServerState()
-    app = create_app(load_model, settings, state)
+    app = create_app(load_model, settings, state, on_load_failure=stop)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -151,5 +163,21 @@ def run(args: argparse.Namespace) -> int:
         access_log=args.verbose,
     )
     say(f"serving {settings.served_model_name} on http://{args.host}:{args.port} (the model is loading)")
-    Server(config).run()
-    return EXIT_OK
+    server = Server(config)
+    server.run()
+    return ModelLoadError.exit_code if failed else EXIT_OK
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken (uvicorn would exit with its own code and message)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}: choose another --port"
+            ) from None

@@ -49,7 +49,7 @@ class ServerSettings:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     compare: bool = False  # also serve the checkpoint's own tower, as <name>-original-tower
     ping_interval_s: float = 15.0  # a comment line on a stream that has been quiet this long
-    shutdown_timeout_s: float = 5.0
+    shutdown_timeout_s: float = 4.0  # for requests to finish, then for the worker: 10 s at most in all
 
 
 class ServerState:
@@ -62,12 +62,9 @@ class ServerState:
         self.ready = threading.Event()
 
     def begin_shutdown(self) -> None:
-        """Stop taking requests and stop the running stream (SIGTERM)."""
+        """Stop taking requests, refuse those waiting and stop the running stream (SIGTERM)."""
         if self.worker is not None:
-            self.worker.closing = True
-            running = self.worker.busy_with
-            if running is not None and running.stream:
-                running.cancelled.set()
+            self.worker.begin_close()
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -115,9 +112,16 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(
-    load_model: Callable[[], Any], settings: ServerSettings, state: ServerState | None = None
+    load_model: Callable[[], Any],
+    settings: ServerSettings,
+    state: ServerState | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
 ) -> Starlette:
-    """The server app; ``load_model`` runs in a thread after start-up, while ``/health`` says 503."""
+    """The server app; ``load_model`` runs in a thread after start-up, while ``/health`` says 503.
+
+    ``on_load_failure`` hears why loading failed (the command stops then); without it the server
+    stays up and says so on every route.
+    """
     state = state or ServerState()
     names = {settings.served_model_name: "safe"}
     if settings.compare:
@@ -145,6 +149,8 @@ def create_app(
             state.error = f"{type(exc).__name__}: {first_line(exc)}"
         finally:
             state.ready.set()
+        if state.error is not None and on_load_failure is not None:
+            on_load_failure(state.error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -188,8 +194,11 @@ def create_app(
     def prepare(request: ChatRequest, variant: str, loop: asyncio.AbstractEventLoop) -> Job:
         engine = state.loaded.engine
         image = fetch_image(request.image_url, settings.media) if request.image_url else None
-        prompt = engine.render(request.turns)
-        inputs = engine.prepare([image] if image is not None else [], [prompt])
+        try:
+            prompt = engine.render(request.turns)
+            inputs = engine.prepare([image] if image is not None else [], [prompt])
+        except (SafeLlavaError, ValueError) as exc:  # the request's text, not the server
+            raise bad_request(first_line(exc), "messages") from None
         try:
             options = engine.fit(inputs, request.options)
         except SafeLlavaError as exc:

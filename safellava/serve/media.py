@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
-from ..images import DEFAULT_MAX_PIXELS, load_image, read_limited
+from ..images import DEFAULT_MAX_PIXELS, load_image
 from .protocol import bad_request
 
 
@@ -57,16 +58,30 @@ def _remote(url: str, policy: MediaPolicy) -> bytes:
             code="remote_images_disabled",
         )
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    deadline = time.monotonic() + policy.timeout_s
     try:
         with opener.open(url, timeout=policy.timeout_s) as response:
-            return read_limited(response, url, policy.max_bytes)
-    except ImageError as exc:
-        raise bad_request(f"the image at {url} is {exc.reason}", code="image_too_large") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+            return _read_before(response, deadline, policy.max_bytes, url)
+    except urllib.error.HTTPError as exc:
         raise bad_request(
-            f"cannot download the image at {url}: {reason}", code="image_download_failed"
+            f"cannot download the image at {url}: HTTP {exc.code}", code="image_download_failed"
         ) from None
+    except (urllib.error.URLError, OSError, ValueError):
+        # One message for every network failure: the server's view of other hosts is not the client's business.
+        raise bad_request(f"cannot download the image at {url}", code="image_download_failed") from None
+
+
+def _read_before(response: Any, deadline: float, limit: int, url: str) -> bytes:
+    """The body, in pieces, refused past ``limit`` bytes or past the deadline (a trickling server)."""
+    parts, size = [], 0
+    while chunk := response.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise bad_request(f"the image at {url} is over {limit // 2**20} MiB", code="image_too_large")
+        if time.monotonic() > deadline:
+            raise bad_request(f"the image at {url} took too long to download", code="image_download_failed")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _local(url: str, policy: MediaPolicy) -> bytes:
@@ -78,7 +93,10 @@ def _local(url: str, policy: MediaPolicy) -> bytes:
     parts = urllib.parse.urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise bad_request("file:// URLs must name a local path", code="invalid_image_url")
-    path = os.path.realpath(urllib.request.url2pathname(parts.path))
+    try:
+        path = os.path.realpath(urllib.request.url2pathname(parts.path))
+    except ValueError:  # a NUL byte in the path
+        raise bad_request("the file:// URL is not a valid path", code="invalid_image_url") from None
     root = os.path.realpath(policy.local_root)
     if os.path.commonpath([path, root]) != root:
         raise bad_request(f"file:// images must be under {policy.local_root}", code="local_image_refused")

@@ -101,9 +101,10 @@ def _turns(messages: Any, default_system: str | None) -> tuple[list[Turn], str |
     systems: list[str] = []
     image: str | None = None
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or ROLES.get(message.get("role")) is None:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             raise bad_request("each message needs a role: system, user or assistant", f"messages[{index}]")
-        role = ROLES[message["role"]]
+        role = ROLES[role]
         text, url = _text_of(message.get("content"), index, role)
         if url is not None:
             if role != "user":
@@ -137,8 +138,9 @@ def parse_chat_request(raw: bytes, defaults: GenerationOptions) -> ChatRequest:
     """A chat-completion request from its body; an ``ApiError`` (400) naming what is wrong."""
     try:
         body = json.loads(raw)
-    except ValueError as exc:  # also bytes that are not UTF-8
-        raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except (ValueError, RecursionError) as exc:  # also bytes that are not UTF-8, and endless nesting
+        reason = exc if isinstance(exc, ValueError) else "nested too deeply"
+        raise bad_request(f"the body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
     model = body.get("model")

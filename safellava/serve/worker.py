@@ -28,6 +28,11 @@ from .protocol import ApiError
 END = object()  # the last item of a stream's chunk queue
 
 
+def shutting_down() -> ApiError:
+    """The answer to a request that arrives, or still waits, while the server stops."""
+    return ApiError(503, "the server is shutting down", "server_error", code="shutting_down", retry_after=5)
+
+
 @dataclass
 class Job:
     """One request on its way through the worker."""
@@ -96,9 +101,7 @@ class Worker:
     def submit(self, job: Job) -> None:
         """Queue a job; a full queue or a closing server is a 429/503 with Retry-After."""
         if self.closing:
-            raise ApiError(
-                503, "the server is shutting down", "server_error", code="shutting_down", retry_after=5
-            )
+            raise shutting_down()
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -110,22 +113,26 @@ class Worker:
                 retry_after=1,
             ) from None
 
-    def close(self, timeout_s: float) -> None:
-        """Stop taking jobs, refuse those waiting, stop a running stream, and wait for the thread."""
+    def begin_close(self) -> None:
+        """Stop taking jobs, refuse those waiting (503), and stop a running stream; a running batch ends."""
         self.closing = True
         running = self.busy_with
         if running is not None and running.stream:
             running.cancelled.set()
-        refused = ApiError(
-            503, "the server is shutting down", "server_error", code="shutting_down", retry_after=5
-        )
+        waiting = list(self._held)
+        self._held.clear()
         while True:
             try:
                 job = self.queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                self._fail([job], refused)
+                waiting.append(job)
+        self._fail(waiting, shutting_down())
+
+    def close(self, timeout_s: float) -> None:
+        """``begin_close``, then wait for the worker thread to finish what it runs."""
+        self.begin_close()
         self.queue.put(None)
         self._thread.join(timeout_s)
 
@@ -139,6 +146,9 @@ class Worker:
             job = self._next()
             if job is None:
                 return
+            if self.closing:
+                self._fail([job], shutting_down())
+                continue
             self.busy_with = job
             try:
                 if job.stream:
@@ -199,7 +209,11 @@ class Worker:
                 [first], ApiError(503, OOM_MESSAGE, "server_error", code="out_of_memory", retry_after=5)
             )
             return
-        except Exception as exc:  # the batch's failure, not the server's
+        except Exception as exc:
+            if len(batch) > 1:  # one request's failure must not be the others': each alone, then
+                for job in batch:
+                    self._answer([job])
+                return
             self._fail(batch, _internal(exc))
             return
         for job, answer in zip(batch, answers, strict=True):
