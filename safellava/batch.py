@@ -73,8 +73,7 @@ class BatchOptions:
             )
         self.caption_ext = self.caption_ext if self.caption_ext.startswith(".") else f".{self.caption_ext}"
         bare = self.caption_ext[1:]
-        image_extensions = {e.lower().lstrip(".") for e in (*self.extensions, *DEFAULT_EXTENSIONS)}
-        if not bare or "/" in bare or "\\" in bare or bare.lower() in image_extensions:
+        if not bare or "/" in bare or "\\" in bare or bare.lower() in self.image_extensions:
             raise UsageError(
                 f"--caption-ext {self.caption_ext!r}: use a plain extension that is not an image's, such as .txt"
             )
@@ -85,6 +84,15 @@ class BatchOptions:
             raise UsageError("--workers must be 0 (decode in the main thread) or more")
         if not self.extensions:
             raise UsageError("--ext names no extension: give a comma-separated list such as jpg,png")
+
+    def decorate(self, caption: str) -> str:
+        """The caption as written: with ``prefix`` and ``suffix``."""
+        return f"{self.prefix}{caption}{self.suffix}"
+
+    @property
+    def image_extensions(self) -> set[str]:
+        """Every extension an image may have here (the ones asked for and the usual ones), lower case."""
+        return {e.lower().lstrip(".") for e in (*self.extensions, *DEFAULT_EXTENSIONS)}
 
     @property
     def errors_path(self) -> Path:
@@ -103,12 +111,11 @@ class BatchOptions:
 
     def check_paths(self) -> None:
         """Refuse output and errors paths that are images, the same file, or not plain files."""
-        image_extensions = {e.lower().lstrip(".") for e in (*self.extensions, *DEFAULT_EXTENSIONS)}
         named = [("--errors", self.errors_path)]
         if self.format != "txt" and self.output is not None:
             named.insert(0, ("--output", self.output))
         for flag, path in named:
-            if path.suffix.lower().lstrip(".") in image_extensions:
+            if path.suffix.lower().lstrip(".") in self.image_extensions:
                 raise UsageError(f"{flag} {path} is named like an image: choose a .jsonl or .csv file name")
             if path.exists() and not path.is_file():
                 raise UsageError(f"{flag} {path} is not a plain file: choose a file name")
@@ -414,5 +421,4 @@ class BatchCaptioner:
         return log.progress
 
     def _record(self, item: Item, caption: str) -> CaptionRecord:
-        caption = f"{self.options.prefix}{caption}{self.options.suffix}"
-        return self.loaded.record(item.name, caption, self.generation)
+        return self.loaded.record(item.name, self.options.decorate(caption), self.generation)

@@ -166,7 +166,7 @@ def run_on_ray(
                     failures.append((str(name), str(error)))
                     continue
                 provenance = provenance or Provenance(**json.loads(str(origin)))
-                text = f"{options.prefix}{caption}{options.suffix}"
+                text = options.decorate(str(caption))
                 records.append(CaptionRecord(str(name), text, generation.prompt, provenance, settings))
             log.add(records, failures)
     return log.progress

@@ -49,41 +49,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     ]
 
 
-@pytest.fixture(scope="session")
-def safe_llava(tiny):
-    """Tiny LLaVA-1.5 with the Safe-CLIP stand-in tower, float32 on the CPU."""
-    import safellava
-
-    return safellava.load(
-        model=str(tiny.llava), vision_tower=str(tiny.safeclip), device="cpu", max_new_tokens=MAX_NEW_TOKENS
-    )
-
-
-@pytest.fixture(scope="session")
-def original_llava(tiny):
-    """Tiny LLaVA-1.5 with its own (stock) tower."""
-    import safellava
-
-    return safellava.load(
-        model=str(tiny.llava), vision_tower="original", device="cpu", max_new_tokens=MAX_NEW_TOKENS
-    )
-
-
-@pytest.fixture(scope="session")
-def safe_next(tiny):
-    """Tiny LLaVA-NeXT with the Safe-CLIP stand-in tower."""
-    import safellava
-
-    return safellava.load(
-        model=str(tiny.llava_next),
-        vision_tower=str(tiny.safeclip),
-        device="cpu",
-        max_new_tokens=MAX_NEW_TOKENS,
-    )
-
-
 def load_tiny(tiny, family="llava", tower=None, **kwargs):
-    """A tiny checkpoint loaded on the CPU with the Safe-CLIP stand-in (or ``tower``)."""
+    """A tiny checkpoint loaded on the CPU with the Safe-CLIP stand-in (or ``tower``: a folder or "original")."""
     import safellava
 
     return safellava.load(
@@ -96,29 +63,33 @@ def load_tiny(tiny, family="llava", tower=None, **kwargs):
 
 
 @pytest.fixture(scope="session")
+def safe_llava(tiny):
+    """Tiny LLaVA-1.5 with the Safe-CLIP stand-in tower, float32 on the CPU."""
+    return load_tiny(tiny)
+
+
+@pytest.fixture(scope="session")
+def original_llava(tiny):
+    """Tiny LLaVA-1.5 with its own (stock) tower."""
+    return load_tiny(tiny, tower="original")
+
+
+@pytest.fixture(scope="session")
+def safe_next(tiny):
+    """Tiny LLaVA-NeXT with the Safe-CLIP stand-in tower."""
+    return load_tiny(tiny, "llava_next")
+
+
+@pytest.fixture(scope="session")
 def safe_original(tiny):
     """Tiny original-format LLaVA-1.5 (mlp2x_gelu, padded images) with the Safe-CLIP stand-in."""
-    import safellava
-
-    return safellava.load(
-        model=str(tiny.original_v15),
-        vision_tower=str(tiny.safeclip),
-        device="cpu",
-        max_new_tokens=MAX_NEW_TOKENS,
-    )
+    return load_tiny(tiny, "original_v15")
 
 
 @pytest.fixture(scope="session")
 def safe_lightning(tiny):
     """Tiny original-format lightning LLaVA (linear projector, 32 px) with the 224-px Safe-CLIP stand-in."""
-    import safellava
-
-    return safellava.load(
-        model=str(tiny.original_lightning),
-        vision_tower=str(tiny.safeclip_224),
-        device="cpu",
-        max_new_tokens=MAX_NEW_TOKENS,
-    )
+    return load_tiny(tiny, "original_lightning", tiny.safeclip_224)
 
 
 def image_steers_the_answer(loaded, images, prompt) -> bool:
