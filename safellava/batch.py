@@ -219,7 +219,9 @@ def open_writer(options: BatchOptions, dry_run: bool = False) -> Writer:
 
 def error_log(options: BatchOptions) -> JsonlWriter:
     """The errors file: one JSON record per failed image, with ``image`` and ``error``."""
-    return JsonlWriter(options.errors_path, required=("image", "error"))
+    log = JsonlWriter(options.errors_path, required=("image", "error"))
+    log.flag = "--errors"
+    return log
 
 
 def plan_folder(options: BatchOptions, writer: Writer) -> BatchPlan:

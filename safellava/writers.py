@@ -90,6 +90,7 @@ class SidecarWriter:
         self.caption_ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
         self._cleaned: set[Path] = set()
         self._real_output = os.path.realpath(self.output)
+        self._beside = Path(os.path.abspath(root))  # captions beside the images: the output is the input
         self._inside: dict[Path, bool] = {}
 
     @classmethod
@@ -110,7 +111,12 @@ class SidecarWriter:
         if not self._inside_output(target.parent):
             raise ValueError(
                 f"its caption file would be written outside {self.output} through a symlinked folder "
-                "(captions never leave the output folder: use --output DIR)"
+                "(captions never leave the output folder: "
+                + (
+                    "write them elsewhere with --output DIR)"
+                    if self.output == self._beside
+                    else "replace the symlink)"
+                )
             )
         return target
 
@@ -166,6 +172,7 @@ class _AppendWriter:
     """Records appended to one file, a batch per write; ``done`` from the records already there."""
 
     format_name = ""
+    flag = "--output"  # the option that names this file, for messages
 
     def __init__(self, path: Path):
         self.path = path
@@ -234,10 +241,10 @@ class _AppendWriter:
                 raise output_error(self.path, exc, RESUME_FIX) from None
 
 
-def _not_ours(path: Path, what: str) -> UsageError:
+def _not_ours(writer: _AppendWriter, what: str) -> UsageError:
     return UsageError(
-        f"{path}: {what}, so it is not a safellava output (or it was edited): nothing was changed; "
-        "choose another --output, or fix or move the file"
+        f"{writer.path}: {what}, so it is not a safellava output (or it was edited): nothing was changed; "
+        f"choose another {writer.flag}, or fix or move the file"
     )
 
 
@@ -272,12 +279,12 @@ class JsonlWriter(_AppendWriter):
                     record = None
                 if not isinstance(record, dict) or any(key not in record for key in self.required):
                     keys = " and ".join(f'"{key}"' for key in self.required)
-                    raise _not_ours(self.path, f"line {number} is not a JSON record with {keys}")
+                    raise _not_ours(self, f"line {number} is not a JSON record with {keys}")
                 records.append(record)
             start = end + 1
         # Whole records end in a newline: what follows the last one can only be a write cut short.
         if start < len(data) and not _could_be_cut_short(data[start:], RECORD_START):
-            raise _not_ours(self.path, f"line {number + 1} is not a JSON record")
+            raise _not_ours(self, f"line {number + 1} is not a JSON record")
         return start, records
 
     def _serialize(self, records: list[Any], new_file: bool) -> str:
@@ -319,11 +326,11 @@ class CsvWriter(_AppendWriter):
         if header_end == -1:  # not even a whole header: the first write was cut short, or not ours
             if any(_could_be_cut_short(data, ",".join(fields).encode()) for fields in self._accepted):
                 return 0, []
-            raise _not_ours(self.path, f"its header is not {','.join(self.fields)}")
+            raise _not_ours(self, f"its header is not {','.join(self.fields)}")
         header = self._rows(data[: header_end + 1])
         known = [fields for fields in self._accepted if header == [list(fields)]]
         if not known:
-            raise _not_ours(self.path, f"its header is not {','.join(self.fields)}")
+            raise _not_ours(self, f"its header is not {','.join(self.fields)}")
         self.fields = known[0]  # an older file keeps its columns
         # Whole records end in a newline outside quotes. Drop lines from the end until what is left
         # parses as whole rows: a record cut short by a kill can only be at the end, and it either
@@ -336,15 +343,13 @@ class CsvWriter(_AppendWriter):
             if rows is not None:
                 short = [index for index, row in enumerate(rows) if len(row) != len(self.fields)]
                 if short:
-                    raise _not_ours(self.path, f"row {short[0] + 1} does not have {len(self.fields)} columns")
+                    raise _not_ours(self, f"row {short[0] + 1} does not have {len(self.fields)} columns")
                 tail = data[end:]
                 if tail and tail.endswith(b"\n") and self._rows(tail) is not None:
-                    raise _not_ours(
-                        self.path, f"row {len(rows) + 1} does not have {len(self.fields)} columns"
-                    )
+                    raise _not_ours(self, f"row {len(rows) + 1} does not have {len(self.fields)} columns")
                 return end, [dict(zip(self.fields, row, strict=True)) for row in rows[1:]]
             end = data.rfind(b"\n", 0, end - 1) + 1
-        raise _not_ours(self.path, f"its last {MAX_TORN_LINES} lines do not end a record")
+        raise _not_ours(self, f"its last {MAX_TORN_LINES} lines do not end a record")
 
     def _serialize(self, records: list[Any], new_file: bool) -> str:
         buffer = io.StringIO()
