@@ -43,7 +43,6 @@ def cached_fingerprint(files: Sequence[Path], salt: str, compute: Callable[[], s
     if key in entries:
         return entries[key]
     value = compute()
-    entries.pop(key, None)
     entries[key] = value
     kept = dict(list(entries.items())[-MAX_ENTRIES:])
     # A cache that cannot be written (read-only home) only costs the next run the same computation.

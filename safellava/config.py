@@ -69,9 +69,8 @@ class ModelOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     prompt_format: str = "auto"  # auto (the original's format) | llava_v1 | mistral_instruct | chatml_direct | llava_llama_2 | checkpoint
-    pad_images: bool = (
-        True  # pad to a square as the original does (LLaVA-1.5); False: centre crop as llava-hf
-    )
+    # Pad to a square as the original does (LLaVA-1.5); False: centre crop as llava-hf.
+    pad_images: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("quantize", self.quantize, QUANTIZE_CHOICES)

@@ -95,7 +95,7 @@ def _base_license(repo: str, revision: str | None) -> str | None:
         return None
 
 
-def merged_tower_fingerprint(loaded: SafeLlava, state: dict[str, Any], dtype: str) -> str:
+def merged_tower_fingerprint(state: dict[str, Any], dtype: str) -> str:
     """The fingerprint of the tower as this export stores it (``dtype``), named as the tower's own weights."""
     import torch
 
@@ -331,7 +331,7 @@ def export(
     check_target(target, force, (loaded.options.model, loaded.options.vision_tower))
     info = provenance(loaded, dtype)
     state = hub_state_dict(loaded)
-    info["merged_tower_fingerprint"] = merged_tower_fingerprint(loaded, state, dtype)
+    info["merged_tower_fingerprint"] = merged_tower_fingerprint(state, dtype)
     config, processor = _llava_hf_parts(loaded, state)
     config.dtype = dtype
     try:

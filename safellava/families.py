@@ -84,15 +84,13 @@ class Family:
     title: str  # for people: "LLaVA-1.5"
     model_class: str  # the transformers class it is loaded as
     matches: Callable[[dict[str, Any]], bool]  # (config.json as written) -> whether it is this family's
-    read_config: Callable[
-        [dict[str, Any], str, str | None], Any
-    ]  # (raw, source, revision) -> transformers config
+    # (raw, source, revision) -> transformers config
+    read_config: Callable[[dict[str, Any], str, str | None], Any]
     load_processor: Callable[[Any, Any, Any, bool], Any]  # (options, config, tower config, pad) -> processor
     stock_tower_key: re.Pattern[str]  # checkpoint keys of its own tower, in every layout it comes in
     not_quantized: tuple[str, ...]  # full module names kept out of bitsandbytes
-    hub_layout: tuple[
-        tuple[str, str], ...
-    ]  # (loaded model's key prefix, llava-hf hub key prefix), for export
+    # (loaded model's key prefix, llava-hf hub key prefix), for export
+    hub_layout: tuple[tuple[str, str], ...]
     default_format: Callable[[Any, Any], str]  # (config, tokenizer) -> the original's prompt format
     pads: Callable[[Any], bool]  # (config) -> whether the original pads images to a square first
     tower_module: str = "model.vision_tower"  # where the vision tower sits in the loaded model
@@ -200,9 +198,8 @@ LLAVA_NEXT = Family(
     not_quantized=("model.vision_tower", "model.multi_modal_projector", "model.image_newline", "lm_head"),
     hub_layout=(*_COMMON_LAYOUT, ("model.image_newline", "image_newline")),
     default_format=_next_format,
-    pads=lambda config: (
-        False
-    ),  # anyres tiles, which the llava-hf processor already makes as the original does
+    # Anyres tiles, which the llava-hf processor already makes as the original does.
+    pads=lambda config: False,
     projector_modules=("model.multi_modal_projector", "model.image_newline"),
 )
 

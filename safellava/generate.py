@@ -144,7 +144,6 @@ class Engine(BaseEngine):
         self.model = model
         self.processor = processor
         self.prompt_format = prompt_format
-        self._sizer = None
         self._local = threading.local()
         # The thread itself, not its id: ids are reused once a thread ends (the loading thread of the
         # server does), and a shared tokenizer must not be used from two threads.
@@ -223,16 +222,17 @@ class Engine(BaseEngine):
 
         options = self.fit(inputs, options)
         inputs = self._on_device(inputs)
+        kwargs = generation_kwargs(options, self.processor.tokenizer)
         if options.seed is not None:
             set_seed(options.seed)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **generation_kwargs(options, self.processor.tokenizer))
+            output = self.model.generate(**inputs, **kwargs)
         prompt_length = inputs["input_ids"].shape[1]
         new_tokens = output[:, prompt_length:]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         ends = self.end_token_ids()
-        pad = generation_kwargs(options, self.processor.tokenizer)["pad_token_id"]
+        pad = kwargs["pad_token_id"]
         answers = []
         for row, text, prompt in zip(new_tokens.tolist(), texts, prompt_tokens, strict=True):
             while row and row[-1] == pad and pad not in ends:  # a row that finished before the others

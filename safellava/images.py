@@ -31,12 +31,16 @@ def source_name(source: ImageSource) -> str:
     return os.fspath(source)
 
 
-def read_limited(stream: BinaryIO, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
-    """At most ``limit`` bytes of a stream; an ``ImageError`` if it holds more."""
-    data = stream.read(limit + 1)
+def within_limit(data: bytes, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """``data`` itself; an ``ImageError`` if it is over ``limit`` bytes."""
     if len(data) > limit:
         raise ImageError(name, f"more than {limit // 2**20} MiB: not an image this tool reads")
     return data
+
+
+def read_limited(stream: BinaryIO, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """At most ``limit`` bytes of a stream; an ``ImageError`` if it holds more."""
+    return within_limit(stream.read(limit + 1), name, limit)
 
 
 def read_file(path: str, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
@@ -67,9 +71,7 @@ def read_file(path: str, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
 
 def _read_source(source: str | os.PathLike | bytes, name: str) -> bytes:
     if isinstance(source, bytes):
-        if len(source) > MAX_IMAGE_BYTES:
-            raise ImageError(name, f"more than {MAX_IMAGE_BYTES // 2**20} MiB: not an image this tool reads")
-        return source
+        return within_limit(source, name)
     text = os.fspath(source)
     if isinstance(text, str) and text.startswith(("http://", "https://")):
         try:

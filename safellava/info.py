@@ -10,7 +10,7 @@ from typing import Any
 from .config import ModelOptions
 from .errors import ModelLoadError
 from .families import Family
-from .loader import read_llava_config, tower_to_load
+from .loader import pads_images, read_llava_config, resolve_prompt_format, tower_to_load
 from .vision import fit_problems, fitting_tower_hint, read_tower_config, tower_fingerprint
 from .weights import resolve_weight_files, resolved_commit
 
@@ -139,7 +139,7 @@ def setup_report(options: ModelOptions, preset: str | None = None, load: bool = 
     """Everything ``safellava info`` reports, as a JSON-ready dict."""
     config, family = read_llava_config(options)
     tower, tower_config = _tower_section(options, config, tower_to_load(options, config, family), load)
-    pads = family.pads(config) and options.pad_images  # as loader.check_setup, which refuses a misfit
+    pads = pads_images(family, config, options)
     processor = family.load_processor(options, config, tower_config, pads)
     counts = parameter_counts(config, family)
     if getattr(config, "original", {}).get("projector") == "linear":
@@ -160,9 +160,7 @@ def setup_report(options: ModelOptions, preset: str | None = None, load: bool = 
             "family": family.name,
             "language_model": config.text_config.model_type,
             "chat_template": bool(getattr(processor, "chat_template", None)),
-            "prompt_format": family.default_format(config, processor.tokenizer)
-            if options.prompt_format == "auto"
-            else options.prompt_format,
+            "prompt_format": resolve_prompt_format(options, family, config, processor.tokenizer),
             "pads_images": pads,
             "original_pads_images": family.pads(config),
             "vision_feature_layer": config.vision_feature_layer,

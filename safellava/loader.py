@@ -36,9 +36,8 @@ class Setup:
 
     config: Any  # the LLaVA's transformers config
     family: Family
-    tower_source: (
-        tuple[str, str | None] | None
-    )  # the tower checkpoint to put in, and its revision; None: its own
+    # The tower checkpoint to put in, and its revision; None: its own.
+    tower_source: tuple[str, str | None] | None
     tower: TowerSpec | None  # that tower's config (checked to fit)
     pads_images: bool  # images padded to a square first, as the original (and --no-pad allows)
 
@@ -50,7 +49,19 @@ def check_setup(options: ModelOptions) -> Setup:
     tower = None if source is None else read_tower_config(*source)
     if tower is not None:
         check_tower_fits(config, tower, options.model)
-    return Setup(config, family, source, tower, family.pads(config) and options.pad_images)
+    return Setup(config, family, source, tower, pads_images(family, config, options))
+
+
+def pads_images(family: Family, config: Any, options: ModelOptions) -> bool:
+    """Whether images are padded to a square first: the original does, and ``--no-pad`` is not given."""
+    return family.pads(config) and options.pad_images
+
+
+def resolve_prompt_format(options: ModelOptions, family: Family, config: Any, tokenizer: Any) -> str:
+    """The prompt format asked for; for ``auto``, the one the original code uses for this checkpoint."""
+    if options.prompt_format == "auto":
+        return family.default_format(config, tokenizer)
+    return options.prompt_format
 
 
 def tower_to_load(options: ModelOptions, config: Any, family: Family) -> tuple[str, str | None] | None:
@@ -193,10 +204,9 @@ def load(
     placement = resolve_placement(options.device, options.dtype, options.quantize)
 
     setup = check_setup(options)
-    config, family, source, tower, pad = (
-        setup.config, setup.family, setup.tower_source, setup.tower, setup.pads_images
-    )  # fmt: skip
-    processor = family.load_processor(options, config, tower.config if tower else config.vision_config, pad)
+    family, config, tower = setup.family, setup.config, setup.tower
+    vision_config = tower.config if tower else config.vision_config
+    processor = family.load_processor(options, config, vision_config, setup.pads_images)
     if tower is None:  # the stock tower inside the checkpoint
         loaded = _from_pretrained(
             family.model_type(),
@@ -206,24 +216,20 @@ def load(
             **_load_kwargs(options, placement, family),
         )
     else:
-        assert source is not None
-        loaded = _load_with_tower(family, config, options, placement, tower, source[1])
+        assert setup.tower_source is not None
+        loaded = _load_with_tower(family, config, options, placement, tower, setup.tower_source[1])
     loaded.eval()
-
-    prompt_format = options.prompt_format
-    if prompt_format == "auto":
-        prompt_format = family.default_format(config, processor.tokenizer)
     return SafeLlava(
         model=loaded,
         processor=processor,
         options=options,
         placement=placement,
         family=family,
-        prompt_format=prompt_format,
+        prompt_format=resolve_prompt_format(options, family, config, processor.tokenizer),
         generation=generation_options,
         preset=preset_name,
-        tower_source=source,
-        pads_images=pad,
+        tower_source=setup.tower_source,
+        pads_images=setup.pads_images,
     )
 
 
@@ -238,20 +244,21 @@ def load_original_tower(loaded: SafeLlava) -> Any:
     config, family = read_llava_config(loaded.options)
     reference = next(family.tower(loaded.model).parameters())
     source = family.stock_tower_source(config)
-    if source is None:
-        files, vision_config = (
-            resolve_weight_files(loaded.options.model, loaded.options.revision),
-            config.vision_config,
-        )
-    else:
+    if source is None:  # inside the LLaVA checkpoint
+        files = resolve_weight_files(loaded.options.model, loaded.options.revision)
+        vision_config = config.vision_config
+
+        def select(checkpoint: dict[str, Any]) -> dict[str, Any]:
+            return stock_tower_tensors(checkpoint, family.stock_tower_key)
+    else:  # a CLIP checkpoint of its own
         stock = read_tower_config(source)
         files, vision_config = resolve_weight_files(source), stock.config
+
+        def select(checkpoint: dict[str, Any]) -> dict[str, Any]:
+            return tower_state_dict(checkpoint, stock)
+
     with open_lazy_state_dict(files) as checkpoint:
-        state = (
-            stock_tower_tensors(checkpoint, family.stock_tower_key)
-            if source is None
-            else tower_state_dict(checkpoint, stock)
-        )
+        state = select(checkpoint)
         tower, info = _from_pretrained(
             CLIPVisionModel,
             f"{loaded.options.model} (its own vision tower)",

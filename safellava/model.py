@@ -27,9 +27,8 @@ class SafeLlava:
     prompt_format: str  # built-in format used when the checkpoint has no chat template
     generation: GenerationOptions = field(default_factory=GenerationOptions)  # defaults
     preset: str | None = None
-    tower_source: tuple[str, str | None] | None = (
-        None  # the tower checkpoint loaded in, and its revision; None: the stock one inside
-    )
+    # The tower checkpoint loaded in, and its revision; None: the stock one inside.
+    tower_source: tuple[str, str | None] | None = None
     pads_images: bool = False  # images padded to a square before the processor, as the original
     engine: Any = field(default=None, repr=False)  # an Engine on model and processor, unless given (vLLM)
 

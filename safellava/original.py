@@ -287,12 +287,10 @@ def load_processor(
     if tokenizer.pad_token_id in (None, config.image_token_index):
         tokenizer.pad_token = tokenizer.eos_token  # padding must not look like image positions
     tokenizer.padding_side = "left"
-    padding = pad and config.original["image_aspect_ratio"] == "pad"
-    tokens = config.image_seq_length
     return ChunkedProcessor(
         tokenizer,
-        image_processor(tower_config, padding),
+        image_processor(tower_config, pad),
         config.image_token_index,
-        tokens,
+        config.image_seq_length,
         original["mm_use_im_start_end"],
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import GenerationOptions, ModelOptions, Preset, resolve_options
-from .errors import ModelLoadError, UsageError, first_line
+from .errors import ModelLoadError, UsageError, load_failure
 from .generate import BaseEngine
 from .model import SafeLlava
 from .prompts import Turn, render_prompt
@@ -176,7 +176,9 @@ def load_vllm(preset: str | Preset | None = None, **overrides: Any) -> SafeLlava
         try:
             tokenizer = AutoTokenizer.from_pretrained(options.model, revision=options.revision)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {options.model}: {first_line(exc)}") from None
+            raise ModelLoadError(
+                f"cannot load the tokenizer of {options.model}: {load_failure(options.model, exc)}"
+            ) from None
         prompt_format = setup.family.default_format(setup.config, tokenizer)
     if prompt_format == "checkpoint":
         raise UsageError(

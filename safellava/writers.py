@@ -85,7 +85,6 @@ class SidecarWriter:
     """One caption file per image, beside it or mirrored under an output folder."""
 
     def __init__(self, root: Path, output: Path | None, caption_ext: str = ".txt"):
-        self.root = root
         self.output = Path(os.path.abspath(output or root))
         self.caption_ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
         self._cleaned: set[Path] = set()

@@ -28,6 +28,7 @@ from .protocol import (
     chunk,
     completion,
     completion_id,
+    event,
     parse_chat_request,
     usage,
 )
@@ -276,7 +277,7 @@ async def _events(job: Job, request: ChatRequest, settings: ServerSettings) -> A
             if item is END:
                 break
             if isinstance(item, ApiError):
-                yield f"data: {_json(item.body())}\n\n"
+                yield event(item.body())
             elif isinstance(item, Answer):
                 final = item
             else:
@@ -290,9 +291,3 @@ async def _events(job: Job, request: ChatRequest, settings: ServerSettings) -> A
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # no-op once the answer is complete; stops generating when the client left
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, ensure_ascii=False)

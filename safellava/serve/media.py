@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
-from ..images import DEFAULT_MAX_PIXELS, load_image
+from ..images import DEFAULT_MAX_PIXELS, load_image, read_file
 from .protocol import bad_request
 
 
@@ -100,8 +100,6 @@ def _local(url: str, policy: MediaPolicy) -> bytes:
     root = os.path.realpath(policy.local_root)
     if os.path.commonpath([path, root]) != root:
         raise bad_request(f"file:// images must be under {policy.local_root}", code="local_image_refused")
-    from ..images import read_file
-
     try:
         return read_file(path, url, policy.max_bytes)
     except ImageError as exc:

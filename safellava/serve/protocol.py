@@ -228,4 +228,9 @@ def chunk(
     }
     if counts is not None:
         body["usage"] = counts
+    return event(body)
+
+
+def event(body: dict[str, Any]) -> str:
+    """One server-sent event carrying ``body`` as JSON."""
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

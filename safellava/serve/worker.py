@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config import GenerationOptions
 from ..errors import OutOfMemoryError
-from ..generate import OOM_MESSAGE, Answer
+from ..generate import OOM_MESSAGE, Answer, free_accelerator_memory
 from .protocol import ApiError
 
 END = object()  # the last item of a stream's chunk queue
@@ -31,6 +31,11 @@ END = object()  # the last item of a stream's chunk queue
 def shutting_down() -> ApiError:
     """The answer to a request that arrives, or still waits, while the server stops."""
     return ApiError(503, "the server is shutting down", "server_error", code="shutting_down", retry_after=5)
+
+
+def out_of_memory() -> ApiError:
+    """The answer to a request that does not fit in accelerator memory even alone."""
+    return ApiError(503, OOM_MESSAGE, "server_error", code="out_of_memory", retry_after=5)
 
 
 @dataclass
@@ -197,24 +202,15 @@ class Worker:
                     images = [job.image for job in batch if job.image is not None]
                     inputs = engine.prepare(images, [job.prompt for job in batch])
                     answers = engine.answer(inputs, first.options)
-        except torch.OutOfMemoryError:
-            from ..generate import free_accelerator_memory
-
-            free_accelerator_memory()
-            if len(batch) > 1:  # each alone, then
-                for job in batch:
-                    self._answer([job])
-                return
-            self._fail(
-                [first], ApiError(503, OOM_MESSAGE, "server_error", code="out_of_memory", retry_after=5)
-            )
-            return
         except Exception as exc:
-            if len(batch) > 1:  # one request's failure must not be the others': each alone, then
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            if oom:
+                free_accelerator_memory()
+            if len(batch) > 1:  # too big together, or one request's failure: each alone, then
                 for job in batch:
                     self._answer([job])
                 return
-            self._fail(batch, _internal(exc))
+            self._fail(batch, out_of_memory() if oom else _internal(exc))
             return
         for job, answer in zip(batch, answers, strict=True):
             job.resolve(answer)
@@ -228,7 +224,7 @@ class Worker:
                     job.emit(text)
             job.emit(Answer(answer.text, answer.prompt_tokens, answer.num_tokens, answer.finish_reason))
         except OutOfMemoryError:
-            job.emit(ApiError(503, OOM_MESSAGE, "server_error", code="out_of_memory", retry_after=5))
+            job.emit(out_of_memory())
         except Exception as exc:
             job.emit(_internal(exc))
         job.emit(END)
