@@ -571,6 +571,43 @@ def test_a_failing_request_in_a_batch_does_not_fail_the_others(safe_llava, monke
         loop.close()
 
 
+def test_a_batch_out_of_memory_is_answered_alone_and_a_request_too_big_alone_is_503(safe_llava, monkeypatch):
+    import asyncio
+
+    import torch
+
+    from safellava.generate import OOM_MESSAGE, Answer
+    from safellava.serve.worker import Worker
+
+    calls = []
+
+    def answer(inputs, options):
+        calls.append(inputs)
+        if inputs is None or inputs == "big":  # the batch together, or the one that is too big alone
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [Answer("fine", 1, 1, "stop")]
+
+    monkeypatch.setattr(safe_llava.engine, "answer", answer)
+    monkeypatch.setattr(safe_llava.engine, "prepare", lambda images, prompts: None)
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = _jobs(loop, 2)
+        jobs[0].inputs, jobs[1].inputs = "small", "big"
+        Worker(safe_llava)._answer(jobs)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert calls == [None, "small", "big"]  # together, then each alone
+        assert jobs[0].future.result().text == "fine"
+        error = jobs[1].future.exception()
+        assert (error.status, error.code, error.message, error.retry_after) == (
+            503,
+            "out_of_memory",
+            OOM_MESSAGE,
+            5,
+        )
+    finally:
+        loop.close()
+
+
 def test_serve_stops_at_once_for_a_model_that_cannot_load_or_a_port_in_use(tiny, capsys):
     from safellava.cli import main
 
